@@ -21,7 +21,7 @@ from semantic_aug.utils import UserError
 
 TINY_MODEL_NAME = "tiny"
 TINY_MODEL_SEED = 0
-TINY_MODEL_VERSION = "1"  # bump when the tiny configs change, so caches rebuild
+TINY_MODEL_VERSION = "2"  # bump when the tiny configs change, so caches rebuild
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "sd1_tokenizer"
 CLIP_MAX_LENGTH = 77  # SD1.x text context; transformers 5 needs it explicit or padding overflows
 VAE_SCALING_FACTOR = 0.18215  # SD v1 latent scale
@@ -77,6 +77,8 @@ def build_tiny_stable_diffusion(output_dir: str | os.PathLike) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".tiny-sd-", dir=output_dir.parent))
     try:
         pipe.save_pretrained(staging, safe_serialization=True)
+        for name in ("vocab.json", "merges.txt", "special_tokens_map.json"):  # the slow-tokenizer files SD v1.4 ships
+            shutil.copy(TOKENIZER_DIR / name, staging / "tokenizer" / name)
         if output_dir.exists():  # another process finished first; keep its copy
             shutil.rmtree(staging)
         else:
