@@ -1,7 +1,387 @@
-"""Placeholder: this script is being written (see the open issues)."""
+"""Train few-shot classifiers on real and synthetic images: the baseline, DA-Fusion and DIAGen (SPEC §1).
 
-import sys
+For every --seeds × --examples-per-class run:
+  1. the few-shot training split and the validation split of --dataset;
+  2. with --num-synthetic N > 0: N img2img variations of every real training image with the --aug augmentations
+     (learned Textual-Inversion tokens, with DIAGen's embedding_noise under --use-embedding-noise 1 and its LLM
+     prompts under --use-generated-prompts 1), cached under --synthetic-dir; the model and tokens are reloaded
+     for every run;
+  3. with --synthetic_filter train|use: DIAGen's calibrated filter scores them into filter_weights (--filter-mode);
+  4. the classifier: class-balanced draws, each replaced by a synthetic sibling with --synthetic-probability,
+     best epoch by mean per-class validation accuracy;
+  5. the outputs:
+       {logdir}/results_{dataset}_{seed}_{epc}.csv                     training history
+       {dirname(logdir)}/models/classifier_{dataset}_{seed}_{epc}[_{strength}_{guidance}][_filter][_llm][_noise]
+           [_uncommon].pth                                             best model (--save_model)
+       {dirname(logdir)}/test/{split}_results_{dataset}_{seed}_{epc}.csv  each --eval_on_test_set split
+A run whose outputs all exist is skipped, so rerunning a command resumes it; synthetic images are a cache.
+
+A quick CPU check (Custom COCO ships with the package; efficientnet_lite0 works offline):
+    python train_classifier.py --seeds 0 --examples-per-class 2 --num-synthetic 0 --classifier-backbone \\
+        efficientnet_lite0 --image-size 128 --iterations-per-epoch 5 --num-epochs 2 --eval_on_test_set test
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from semantic_aug.augmentations import COMPOSE_MODES, list_augmentations
+from semantic_aug.classifiers import FewShotClassifier, list_backbones
+from semantic_aug.datasets import create_dataset, get_dataset_class, list_datasets
+from semantic_aug.few_shot_dataset import FolderFewShotDataset
+from semantic_aug.filtering import DEFAULT_FILTER_MODE, FILTER_CONFIDENCE_THRESHOLD, FILTER_MODE_HELP, FILTER_MODES
+from semantic_aug.training import (classifier_filename, default_num_workers, evaluate, fit, load_classifier,
+                                   results_csv_path, save_classifier, test_csv_path)
+from semantic_aug.utils import UserError, atomic_write_csv, pick_device, run_cli, set_seed, str2bool
+
+logger = logging.getLogger("train_classifier")
+
+DEFAULT_LOGDIR = "RESULTS/{dataset}_{examples_per_class}epc/{method}/logs"
+DEFAULT_SYNTHETIC_DIR = "RESULTS/{dataset}_{examples_per_class}epc/{method}/synthetics_seed_{seed}"
+DEFAULT_EMBED_PATH = "tokens/{dataset}-tokens/{dataset}-{seed}-{examples_per_class}.pt"
+NOISE_EMBED_PATH = "tokens/{dataset}-tokens/noise/{dataset}-{seed}-{examples_per_class}.pt"
+TEST_SPLITS = ("test", "test_uncommon_context")
+SPLIT_ALIASES = {"test_uncommon": "test_uncommon_context"}  # the reference's name for the uncommon split
+DEFAULT_STRENGTH = 0.7  # the README's DIAGen settings; the reference crashed when they were left out
+DEFAULT_GUIDANCE_SCALE = 15.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # runs and outputs
+    parser.add_argument("--dataset", default="custom_coco", choices=list_datasets(), help="dataset to train on")
+    parser.add_argument("--data-dir", default=None,
+                        help="the dataset's folder (default: its shipped copy or environment variable)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="seeds; each selects the few-shot images and seeds generation and training")
+    parser.add_argument("--examples-per-class", type=int, nargs="+", default=[2, 4, 8],
+                        help="real training images per class; one run per value and seed")
+    parser.add_argument("--method", default="baseline", help="name of the method, used in the default output paths")
+    parser.add_argument("--logdir", default=DEFAULT_LOGDIR,
+                        help="folder of the results CSVs; {dataset}, {examples_per_class}, {method} and {seed} are "
+                             "filled in per run. Models go to its parent's models/, test CSVs to its parent's test/")
+    parser.add_argument("--save_model", type=str2bool, default=True, help="save the best classifier (true/false, 1/0)")
+    parser.add_argument("--eval_on_test_set", nargs="*", default=[], choices=[*TEST_SPLITS, *SPLIT_ALIASES],
+                        help="splits to evaluate the best classifier on (test_uncommon = test_uncommon_context)")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:N or a GPU index as in the reference (default: a GPU if present)")
+    parser.add_argument("--num-workers", type=int, default=default_num_workers(),
+                        help="threads decoding images into the training cache")
+    # synthetic images
+    parser.add_argument("--num-synthetic", type=int, default=10,
+                        help="synthetic images per real training image (0: the baseline, real images only)")
+    parser.add_argument("--synthetic-probability", type=float, default=0.7,
+                        help="chance that a training draw shows one of the real image's synthetic siblings")
+    parser.add_argument("--synthetic-dir", default=DEFAULT_SYNTHETIC_DIR,
+                        help="cache folder of the synthetic images ({dataset}, {examples_per_class}, {method}, "
+                             "{seed} filled in per run)")
+    parser.add_argument("--overwrite-synthetic", action=argparse.BooleanOptionalAction, default=False,
+                        help="when --synthetic-dir holds images made with other settings, move it aside and "
+                             "regenerate (default: stop with an error)")
+    parser.add_argument("--generation-batch-size", type=int, default=8, help="images per diffusion pipeline call")
+    parser.add_argument("--num-inference-steps", type=int, default=50,
+                        help="diffusion scheduler steps at strength 1 (img2img runs strength x steps of them)")
+    parser.add_argument("--compile-generation", action=argparse.BooleanOptionalAction, default=False,
+                        help="torch.compile the diffusion model (pays off on long GPU runs)")
+    parser.add_argument("--model-path", default="CompVis/stable-diffusion-v1-4",
+                        help="Stable Diffusion: a hub id, a local diffusers folder, or `tiny` (embedded, for tests)")
+    parser.add_argument("--aug", nargs="+", default=["textual-inversion"], choices=list_augmentations(),
+                        help="generative augmentations; several are combined by --compose")
+    parser.add_argument("--compose", default="parallel", choices=COMPOSE_MODES,
+                        help="parallel: one augmentation drawn per image (--probs weights); sequential: each "
+                             "applied with its --probs probability")
+    parser.add_argument("--probs", type=float, nargs="+", default=None, help="one value per --aug (see --compose)")
+    parser.add_argument("--strength", type=float, nargs="+", default=[DEFAULT_STRENGTH],
+                        help="img2img strength in (0, 1], one value or one per --aug")
+    parser.add_argument("--guidance-scale", type=float, nargs="+", default=[DEFAULT_GUIDANCE_SCALE],
+                        help="classifier-free guidance scale (>= 1), one value or one per --aug")
+    parser.add_argument("--mask", type=str2bool, nargs="+", default=[False],
+                        help="inpaint only the largest object's mask (COCO), one value or one per --aug (0/1)")
+    parser.add_argument("--inverted", type=str2bool, nargs="+", default=[False],
+                        help="with --mask, repaint the background instead, one value or one per --aug (0/1)")
+    parser.add_argument("--prompt", default="a photo of a {name}", help="prompt template; {name} becomes the token")
+    parser.add_argument("--embed-path", default=DEFAULT_EMBED_PATH,
+                        help="learned tokens ({dataset}, {seed}, {examples_per_class} filled in per run); the "
+                             "default switches to tokens/{dataset}-tokens/noise/... under --use-embedding-noise 1")
+    parser.add_argument("--use-embedding-noise", type=str2bool, default=False,
+                        help="DIAGen (a): cycle each class through its original and noisy tokens (0/1)")
+    parser.add_argument("--use-generated-prompts", type=str2bool, default=False,
+                        help="DIAGen (b): cycle each class through its LLM prompts from --prompt-path (0/1)")
+    parser.add_argument("--prompt-path", default="prompts/prompts.csv", help="prompt CSV of generate_prompts.py")
+    parser.add_argument("--erasure-ckpt-path", default=None,
+                        help="UNet weights (e.g. a concept-erased UNet) loaded over --model-path's")
+    parser.add_argument("--tokens-per-class", type=int, default=4,
+                        help="accepted for compatibility with the reference, which ignored it too")
+    parser.add_argument("--filter_mask_area", type=int, default=0,
+                        help="the reference's no-op; only 0 is accepted")
+    # DIAGen's filter (contribution c)
+    parser.add_argument("--synthetic_filter", default=None, choices=["train", "use", "None"],
+                        help="weight synthetic images with DIAGen's filter: `train` trains it first, `use` loads "
+                             "{models-root}/filter_{dataset}_{seed}_{epc}.pth (default: no filter)")
+    parser.add_argument("--filter-mode", default=DEFAULT_FILTER_MODE, choices=FILTER_MODES, help=FILTER_MODE_HELP)
+    parser.add_argument("--filter-threshold", type=float, default=FILTER_CONFIDENCE_THRESHOLD,
+                        help="--filter-mode threshold: the lowest confidence a synthetic image may have")
+    parser.add_argument("--models-root", default=None,
+                        help="folder of the filters (default: the classifiers' folder, {dirname(logdir)}/models)")
+    # the classifier
+    parser.add_argument("--classifier-backbone", default="resnet50", choices=list_backbones(),
+                        help="ImageNet-pretrained backbone (resnet50 downloads torchvision's weights; "
+                             "efficientnet_lite0 works offline)")
+    parser.add_argument("--finetune-backbone", action=argparse.BooleanOptionalAction, default=False,
+                        help="train the backbone too (default: a linear probe on the frozen backbone, as in the "
+                             "reference)")
+    parser.add_argument("--image-size", type=int, default=256, help="side of the square training images in pixels")
+    parser.add_argument("--iterations-per-epoch", type=int, default=200, help="training batches per epoch")
+    parser.add_argument("--num-epochs", type=int, default=50, help="training epochs, each followed by validation")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per training batch")
+    parser.add_argument("--use-randaugment", action=argparse.BooleanOptionalAction, default=False,
+                        help="add RandAugment to the training transform")
+    parser.add_argument("--use-cutmix", action=argparse.BooleanOptionalAction, default=False,
+                        help="CutMix: half of the draws get a box of another image of the batch, labels mixed by area")
+    args = parser.parse_args(argv)
+
+    args.synthetic_filter = None if args.synthetic_filter == "None" else args.synthetic_filter
+    args.eval_on_test_set = list(dict.fromkeys(SPLIT_ALIASES.get(s, s) for s in args.eval_on_test_set))
+    for flag in ("iterations_per_epoch", "num_epochs", "batch_size", "image_size", "generation_batch_size",
+                 "num_inference_steps", "num_workers"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if min(args.examples_per_class) < 1:
+        parser.error(f"--examples-per-class must be at least 1, got {min(args.examples_per_class)}")
+    if args.num_synthetic < 0:
+        parser.error(f"--num-synthetic must be 0 or more, got {args.num_synthetic}")
+    if not 0 <= args.synthetic_probability <= 1:
+        parser.error(f"--synthetic-probability must lie in [0, 1], got {args.synthetic_probability}")
+    if args.filter_mask_area != 0:
+        parser.error(f"--filter_mask_area {args.filter_mask_area}: masking by area is not supported (the reference "
+                     f"ignored it); leave it at 0")
+    if args.synthetic_filter and args.num_synthetic == 0:
+        parser.error(f"--synthetic_filter {args.synthetic_filter} needs synthetic images; set --num-synthetic > 0")
+    dataset_splits = get_dataset_class(args.dataset).splits
+    for split in args.eval_on_test_set:
+        if split not in dataset_splits:
+            parser.error(f"--eval_on_test_set {split}: {args.dataset} has no such split (it has "
+                         f"{', '.join(dataset_splits)})")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one run's files
+
+
+@dataclass
+class Run:
+    """One (seed, examples_per_class) run and where its files go."""
+
+    seed: int
+    examples_per_class: int
+    logdir: Path
+    synthetic_dir: Path
+    embed_path: Path
+    model_path: Path
+    models_root: Path
+
+    @property
+    def name(self) -> str:
+        return f"seed {self.seed}, {self.examples_per_class} examples per class"
+
+
+def fill_template(template: str, flag: str, **fields) -> str:
+    """A path flag with its {placeholders} filled in; a `UserError` names an unknown placeholder."""
+    try:
+        return template.format(**fields)
+    except (KeyError, IndexError, ValueError) as error:
+        raise UserError(f"{flag} {template!r}: cannot fill in its placeholders ({error}); use only "
+                        f"{', '.join('{' + k + '}' for k in fields)}") from None
+
+
+def plan_run(args: argparse.Namespace, seed: int, examples_per_class: int) -> Run:
+    """The paths of one run, from the flags' templates (SPEC §1)."""
+    fields = dict(dataset=args.dataset, examples_per_class=examples_per_class, method=args.method, seed=seed)
+    logdir = Path(fill_template(args.logdir, "--logdir", **fields))
+    embed_template = args.embed_path
+    if args.use_embedding_noise and embed_template == DEFAULT_EMBED_PATH:
+        embed_template = NOISE_EMBED_PATH  # aggregate_embeddings.py --augment-embeddings writes the noisy tokens here
+    uses_synthetic = args.num_synthetic > 0
+    model_name = classifier_filename(
+        args.dataset, seed, examples_per_class, strength=args.strength if uses_synthetic else None,
+        guidance_scale=args.guidance_scale if uses_synthetic else None, use_filter=bool(args.synthetic_filter),
+        use_llm=args.use_generated_prompts, use_noise=args.use_embedding_noise,
+        uncommon=args.use_generated_prompts and "uncommon" in Path(args.prompt_path).name)
+    return Run(seed=seed, examples_per_class=examples_per_class, logdir=logdir,
+               synthetic_dir=Path(fill_template(args.synthetic_dir, "--synthetic-dir", **fields)),
+               embed_path=Path(fill_template(embed_template, "--embed-path", **fields)),
+               model_path=logdir.parent / "models" / model_name,
+               models_root=Path(args.models_root) if args.models_root else logdir.parent / "models")
+
+
+def check_test_splits(args: argparse.Namespace) -> None:
+    """Fail before any training if a --eval_on_test_set folder is missing (the shipped Custom COCO has no
+    test_uncommon_context)."""
+    dataset_class = get_dataset_class(args.dataset)
+    if not issubclass(dataset_class, FolderFewShotDataset):
+        return
+    for split in args.eval_on_test_set:
+        folder = dataset_class.resolve_data_dir(args.data_dir) / dataset_class.split_folders[split]
+        if not folder.is_dir():
+            raise UserError(f"--eval_on_test_set {split}: folder {folder} not found; pass the --data-dir that has it")
+
+
+def missing_outputs(args: argparse.Namespace, run: Run) -> tuple[bool, list[str]]:
+    """(whether the run must train, the test splits still to evaluate)."""
+    trained = results_csv_path(run.logdir, args.dataset, run.seed, run.examples_per_class).is_file()
+    missing_splits = [split for split in args.eval_on_test_set
+                      if not test_csv_path(run.logdir, split, args.dataset, run.seed, run.examples_per_class).is_file()]
+    # without a saved model, a missing test CSV can only be made by training again
+    must_train = not trained or (args.save_model and not run.model_path.is_file()) or \
+        (bool(missing_splits) and not run.model_path.is_file())
+    return must_train, missing_splits
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the steps of a run
+
+
+def load_split(args: argparse.Namespace, run: Run, split: str):
+    """The few-shot training split (with the synthetic probability), or every image of another split."""
+    if split == "train":
+        return create_dataset(args.dataset, split=split, examples_per_class=run.examples_per_class, seed=run.seed,
+                              data_dir=args.data_dir, image_size=args.image_size,
+                              synthetic_probability=args.synthetic_probability, use_randaugment=args.use_randaugment)
+    return create_dataset(args.dataset, split=split, seed=run.seed, data_dir=args.data_dir, image_size=args.image_size)
+
+
+def generate_synthetic(args: argparse.Namespace, run: Run, train_dataset, device: torch.device, accelerator):
+    """`--num-synthetic` images per real training image (cached in the run's synthetic folder); returns the manifest."""
+    from semantic_aug.synthetic import build_augmentation, generate_synthetic_images
+
+    augmentation = build_augmentation(
+        args.aug, model_path=args.model_path, embed_path=run.embed_path, dataset_name=args.dataset,
+        class_names=train_dataset.class_names, prompt=args.prompt, strength=args.strength,
+        guidance_scale=args.guidance_scale, mask=args.mask, inverted=args.inverted, probs=args.probs,
+        compose=args.compose, use_embedding_noise=args.use_embedding_noise,
+        use_generated_prompts=args.use_generated_prompts, prompt_path=args.prompt_path, device=device,
+        dtype=torch.float16 if device.type == "cuda" else torch.float32, erasure_ckpt_path=args.erasure_ckpt_path,
+        num_inference_steps=args.num_inference_steps, compile_model=args.compile_generation)
+    manifest = generate_synthetic_images(train_dataset, augmentation, args.num_synthetic, run.synthetic_dir, run.seed,
+                                         batch_size=args.generation_batch_size, accelerator=accelerator,
+                                         overwrite=args.overwrite_synthetic)
+    del augmentation  # the diffusion model leaves the GPU before the classifier trains
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return manifest
+
+
+def attach_synthetic_images(args: argparse.Namespace, run: Run, train_dataset, manifest, device: torch.device):
+    """Give the training split its synthetic siblings, weighted by DIAGen's filter if asked (the filter's one hook).
+
+    Returns:
+        Per-image loss weights for `fit` (filter mode `loss`), else None.
+    """
+    from semantic_aug.synthetic import synthetic_images_from_manifest
+
+    if not args.synthetic_filter:
+        train_dataset.set_synthetic_images(synthetic_images_from_manifest(manifest))
+        return None
+    from semantic_aug.filtering import add_filter_weights, apply_filter_mode, filter_path, load_filter, train_filter
+
+    if args.synthetic_filter == "train":  # trained like the classifier, on the same real images (kept if it exists)
+        train_filter(args.dataset, run.seed, run.examples_per_class, data_dir=args.data_dir,
+                     backbone=args.classifier_backbone, models_root=run.models_root, logdir=run.logdir,
+                     iterations_per_epoch=args.iterations_per_epoch, max_epochs=args.num_epochs,
+                     batch_size=args.batch_size, image_size=args.image_size, device=device)
+    filter_model = load_filter(filter_path(run.models_root, args.dataset, run.seed, run.examples_per_class), device)
+    manifest = add_filter_weights(manifest, filter_model, train_dataset, seed=run.seed, device=device,
+                                  manifest_path=run.synthetic_dir / "manifest.csv")
+    synthetic_images, sibling_weights, loss_weights = apply_filter_mode(manifest, args.filter_mode,
+                                                                        args.filter_threshold)
+    train_dataset.set_synthetic_images(synthetic_images, sibling_weights)
+    return loss_weights
+
+
+def train(args: argparse.Namespace, run: Run, train_dataset, val_dataset, loss_weights, device: torch.device):
+    """Fit the classifier (best epoch kept), write the results CSV and, with --save_model, the model."""
+    set_seed(run.seed)  # the same head initialisation whatever ran before (generation, the filter)
+    model = FewShotClassifier(args.classifier_backbone, train_dataset.num_classes,
+                              finetune_backbone=args.finetune_backbone)
+    result = fit(model, train_dataset, val_dataset, num_epochs=args.num_epochs,
+                 iterations_per_epoch=args.iterations_per_epoch, batch_size=args.batch_size, device=device,
+                 seed=run.seed, sample_loss_weights=loss_weights, use_cutmix=args.use_cutmix,
+                 num_workers=args.num_workers)
+    logger.info("%s: best epoch %d, mean per-class validation accuracy %.2f%%", run.name, result.best_epoch,
+                100 * result.best_value)
+    atomic_write_csv(result.history, results_csv_path(run.logdir, args.dataset, run.seed, run.examples_per_class))
+    if args.save_model:
+        save_classifier(model, run.model_path, {
+            "class_names": list(train_dataset.class_names), "dataset": args.dataset, "seed": run.seed,
+            "examples_per_class": run.examples_per_class, "image_size": args.image_size, "method": args.method,
+            "best_epoch": result.best_epoch, "num_synthetic": args.num_synthetic,
+            "synthetic_probability": args.synthetic_probability})
+    return model
+
+
+def evaluate_splits(args: argparse.Namespace, run: Run, model, splits: list[str], device: torch.device) -> None:
+    """Write `{dirname(logdir)}/test/{split}_results_...csv` for each split."""
+    for split in splits:
+        dataset = load_split(args, run, split)
+        results = evaluate(model, dataset, device, num_workers=args.num_workers)
+        atomic_write_csv(results, test_csv_path(run.logdir, split, args.dataset, run.seed, run.examples_per_class))
+        accuracy = results.loc[results["metric"] == "Mean Accuracy", "value"].item()
+        logger.info("%s: mean per-class accuracy %.2f%% on %s", run.name, 100 * accuracy, split)
+
+
+def main(args: argparse.Namespace) -> None:
+    from accelerate import Accelerator
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    accelerator = Accelerator(cpu=args.device == "cpu")
+    # several processes (accelerate launch) share the generation; the main process alone trains
+    distributed = accelerator.num_processes > 1
+    device = accelerator.device if distributed else pick_device(args.device)
+
+    check_test_splits(args)
+    runs = []
+    for seed, examples_per_class in itertools.product(args.seeds, args.examples_per_class):
+        run = plan_run(args, seed, examples_per_class)
+        must_train, missing_splits = missing_outputs(args, run)
+        if must_train or missing_splits:
+            runs.append((run, must_train, missing_splits))
+        else:
+            logger.info("%s: results, model and test CSVs exist; skipped (delete them to rerun)", run.name)
+
+    # 1. synthetic images for every run first, so that processes never wait on another's training
+    manifests = {}
+    if args.num_synthetic > 0:
+        for run, must_train, _ in runs:
+            if must_train:
+                set_seed(run.seed)
+                manifests[run.seed, run.examples_per_class] = generate_synthetic(
+                    args, run, load_split(args, run, "train"), device, accelerator if distributed else None)
+    if not accelerator.is_main_process:
+        return
+
+    # 2. per run: filter weights, classifier training, test-split evaluation
+    for run, must_train, missing_splits in runs:
+        if must_train:
+            set_seed(run.seed)
+            train_dataset, val_dataset = load_split(args, run, "train"), load_split(args, run, "val")
+            loss_weights = None
+            if args.num_synthetic > 0:
+                loss_weights = attach_synthetic_images(args, run, train_dataset,
+                                                       manifests[run.seed, run.examples_per_class], device)
+            model = train(args, run, train_dataset, val_dataset, loss_weights, device)
+            missing_splits = args.eval_on_test_set
+        else:
+            logger.info("%s: already trained; evaluating the saved model on %s", run.name, ", ".join(missing_splits))
+            model = load_classifier(run.model_path, device)
+        evaluate_splits(args, run, model, missing_splits, device)
+
 
 if __name__ == "__main__":
-    print("error: train_classifier.py is not implemented yet", file=sys.stderr)
-    sys.exit(1)
+    run_cli(main, parse_args)

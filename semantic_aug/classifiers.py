@@ -161,5 +161,9 @@ class FewShotClassifier(nn.Module):
         with torch.no_grad():
             return self.backbone(images)
 
+    def classify_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from `features(images)`; lets a linear probe reuse the frozen features of a fixed split."""
+        return self.head(features.flatten(1).float())
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images).flatten(1).float())
+        return self.classify_features(self.features(images))

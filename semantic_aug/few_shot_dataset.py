@@ -86,6 +86,7 @@ class FewShotDataset(Dataset, abc.ABC):
         self.seed = seed
         self.image_size = image_size
         self.synthetic_probability = synthetic_probability
+        self.use_randaugment = use_randaugment
         self.transform = transform or build_transform(split, image_size, self.random_crop, use_randaugment)
         self.synthetic_images: dict[int, list[str]] = {}
         self.synthetic_weights: dict[int, np.ndarray] = {}

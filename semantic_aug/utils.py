@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import io
 import os
 import random
@@ -20,6 +21,8 @@ import numpy as np
 import torch
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# write failures that, like ENOSPC, mean the disk (or the process's share of it) is full
+DISK_LIMIT_ERRNOS = (errno.EDQUOT, errno.EFBIG)
 
 
 class UserError(Exception):
@@ -113,8 +116,11 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         os.replace(tmp, path)
     except OSError as error:
         tmp.unlink(missing_ok=True)
-        if error.errno == 28:  # ENOSPC
+        if error.errno == errno.ENOSPC:
             raise UserError(f"no space left on device while writing {path}") from None
+        if error.errno in DISK_LIMIT_ERRNOS:
+            raise UserError(f"cannot write {path}: {error.strerror} (a disk quota or file size limit); free space "
+                            f"or raise the limit, then rerun to resume") from None
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -139,10 +145,10 @@ def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def atomic_save_image(image, path: str | os.PathLike) -> None:
-    """Save a PIL image atomically; the format follows the target's extension."""
+def atomic_save_image(image, path: str | os.PathLike, **save_kwargs) -> None:
+    """Save a PIL image atomically; the format follows the target's extension (`save_kwargs` go to `Image.save`)."""
     buffer = io.BytesIO()
-    image.save(buffer, format=_pil_format(Path(path).suffix))
+    image.save(buffer, format=_pil_format(Path(path).suffix), **save_kwargs)
     atomic_write_bytes(path, buffer.getvalue())
 
 

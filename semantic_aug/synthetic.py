@@ -1,0 +1,429 @@
+"""Synthetic images for the few-shot training split: the augmentation built from the flags, `num_synthetic`
+images per real image generated in batches, and the folder that caches them.
+
+Folder layout (`synthetic_dir`):
+    label_{label}-{real_idx}-{synthetic_idx}.png  one per synthetic image (the reference's names), written atomically
+    manifest.csv    one row per image: real_idx, synthetic_idx, label, class_name, augmentation, token, prompt,
+                    seed (the image's own seed), path
+    settings.json   what made the images (model, token and prompt contents, prompt template, strength, guidance,
+                    steps, seed, dataset selection, ...) and its fingerprint
+
+The folder is a cache; the reference deleted it on every run. A rerun with the same settings reuses every finished
+image and makes only the missing ones, so an interrupted run resumes (its leftover `.tmp` files are removed). A
+run whose settings differ refuses the folder with a one-line error, unless `overwrite` is set, which moves the old
+folder aside to `{synthetic_dir}.old-N` (nothing is deleted). Old and new images are never mixed.
+
+Each image's seed is derived from (run seed, real index, synthetic index) and every choice (token, prompt,
+composed member) from the image's class counter and seed, so the set does not depend on the batch size, on what
+was cached, or on how many processes share the work: under `accelerate launch`, process p of P makes the images
+of the real images whose index is p modulo P (siblings stay together, so each real image is encoded once), and the
+main process writes the manifest once all are done. The device, dtype, batch size and speed options are not part
+of the settings: they change the images only within float rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from semantic_aug.augmentations import (COMPOSERS, Choice, DiffusionSampler, GenerativeAugmentation, GeneratedImages,
+                                        TextualInversion, get_augmentation_class)
+from semantic_aug.augmentations.generative_augmentation import check_strength_and_guidance, settings_digest
+from semantic_aug.augmentations.sampler import DEFAULT_COMPILE_MODE
+from semantic_aug.embeddings import load_tokens, stable_seed
+from semantic_aug.prompts import read_prompt_csv
+from semantic_aug.utils import (UserError, atomic_save_image, atomic_write_csv, atomic_write_text,
+                                remove_stale_temporaries)
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.csv"
+SETTINGS_NAME = "settings.json"
+MANIFEST_COLUMNS = [
+    "real_idx", "synthetic_idx", "label", "class_name", "augmentation", "token", "prompt", "seed", "path"]
+CACHE_FORMAT = 1  # bump when the way images are made changes, so old caches are not reused
+PNG_COMPRESS_LEVEL = 1  # zlib level: a cache written once and read a few times favours speed over size
+WRITER_THREADS = min(8, os.cpu_count() or 1)  # PNG encoding releases the GIL, so threads overlap it with the GPU
+PENDING_BATCHES = 2  # batches that may wait for their PNG writes before generation pauses (bounds memory)
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def synthetic_image_name(label: int, real_idx: int, synthetic_idx: int) -> str:
+    """The reference's file name of a synthetic image: `label_{label}-{real_idx}-{synthetic_idx}.png`."""
+    return f"label_{label}-{real_idx}-{synthetic_idx}.png"
+
+
+def _per_augmentation(values, count: int, flag: str) -> list:
+    """One value per augmentation: a scalar or a one-element list is repeated; other lengths must match."""
+    values = list(values) if isinstance(values, (list, tuple)) else [values]
+    if len(values) == 1:
+        values = values * count
+    if len(values) != count:
+        raise UserError(f"{flag} has {len(values)} values for {count} --aug augmentations; give one, or one per --aug")
+    return values
+
+
+def build_augmentation(aug_names: Sequence[str], *, model_path: str, embed_path: str | os.PathLike | None,
+                       dataset_name: str, class_names: Sequence[str], prompt: str, strength, guidance_scale,
+                       mask=False, inverted=False, probs: Sequence[float] | None = None, compose: str = "parallel",
+                       use_embedding_noise: bool = False, use_generated_prompts: bool = False,
+                       prompt_path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                       dtype: torch.dtype | str = torch.float32, resolution: int | None = None,
+                       num_inference_steps: int = 50, std_deviations: Sequence[float] | None = None,
+                       erasure_ckpt_path: str | os.PathLike | None = None, compile_model: bool = False,
+                       compile_mode: str = DEFAULT_COMPILE_MODE,
+                       attention_backend: str = "auto") -> GenerativeAugmentation:
+    """The augmentation `train_classifier.py` generates with, from its flags (SPEC §1, §2).
+
+    Cheap checks run before the model loads. The model is loaded fresh on every call: each (seed, examples per
+    class) run gets its own token file (the reference kept the first run's pipeline and tokens).
+
+    Args:
+        aug_names: `--aug` names (`textual-inversion`, `real-guidance`); several are composed.
+        model_path: `tiny`, a hub id or a local diffusers folder.
+        embed_path: the token file (needed by `textual-inversion`).
+        dataset_name: the dataset's registry name (named in the log).
+        class_names: the dataset's classes.
+        prompt: template with `{name}`.
+        strength: img2img strength in (0, 1], a scalar or one per augmentation (required).
+        guidance_scale: guidance weight >= 1, a scalar or one per augmentation (required).
+        mask: inpaint the COCO object mask, a scalar or one per augmentation.
+        inverted: with `mask`, repaint the background instead, a scalar or one per augmentation.
+        probs: `--probs`, one per augmentation (parallel: drawing weights, uniform by default; sequential:
+            application probabilities, 1 by default).
+        compose: `parallel` or `sequential`.
+        use_embedding_noise: DIAGen (a), cycle each class through its original and noisy tokens.
+        use_generated_prompts: DIAGen (b), cycle each class through its prompts from `prompt_path`.
+        prompt_path: the prompt CSV of `generate_prompts.py`.
+        device: where the model runs.
+        dtype: weight dtype (`torch.bfloat16`/`"bf16"` or fp16 on GPU; fp32 on CPU).
+        resolution: generation side; None is the model's own (512 SD, 64 tiny).
+        num_inference_steps: scheduler steps for strength 1 (img2img runs `strength` of them).
+        std_deviations: noise levels to cycle through; None uses those in the token file.
+        erasure_ckpt_path: optional UNet state dict to load over the model's.
+        compile_model: `torch.compile` the UNet and VAE decoder (long GPU runs).
+        compile_mode: the `torch.compile` mode.
+        attention_backend: SDPA kernel preference (`auto`, `flash`, `cudnn`, `efficient`, `math`).
+
+    Returns:
+        The augmentation (a `ComposeParallel`/`ComposeSequential` for several names).
+
+    Raises:
+        UserError: unknown names, strength/guidance missing or out of range, per-augmentation lists of the wrong
+            length, a missing or malformed token file, a prompt CSV without some class.
+    """
+    aug_names = list(aug_names)
+    if not aug_names:
+        raise UserError("--aug needs at least one augmentation")
+    classes = [get_augmentation_class(name) for name in aug_names]
+    if compose not in COMPOSERS:
+        raise UserError(f"unknown --compose {compose!r}; choose one of {', '.join(COMPOSERS)}")
+    count = len(aug_names)
+    strengths = _per_augmentation(strength, count, "--strength")
+    guidance_scales = _per_augmentation(guidance_scale, count, "--guidance-scale")
+    masks = _per_augmentation(mask, count, "--mask")
+    inverteds = _per_augmentation(inverted, count, "--inverted")
+    for strength_i, guidance_i in zip(strengths, guidance_scales):
+        check_strength_and_guidance(strength_i, guidance_i)
+    if probs is not None and len(probs) != count:
+        raise UserError(f"--probs has {len(probs)} values for {count} --aug augmentations; give one per --aug")
+    uses_tokens = any(issubclass(cls, TextualInversion) for cls in classes)
+    if uses_tokens and embed_path is None:
+        raise UserError("textual-inversion needs a token file: pass --embed-path")
+    if uses_tokens:
+        load_tokens(embed_path, class_names)  # a missing file or class token fails before the model loads
+    if use_embedding_noise and not uses_tokens:
+        logger.warning("--use-embedding-noise has no effect without --aug textual-inversion")
+    class_prompts = None
+    if use_generated_prompts:
+        if prompt_path is None:
+            raise UserError("--use-generated-prompts 1 needs --prompt-path (a CSV from generate_prompts.py)")
+        class_prompts = read_prompt_csv(prompt_path, class_names)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+
+    sampler = DiffusionSampler.from_pretrained(
+        model_path, device=device, dtype=dtype, unet_weights=erasure_ckpt_path, num_inference_steps=num_inference_steps,
+        resolution=resolution, compile_model=compile_model, compile_mode=compile_mode,
+        attention_backend=attention_backend)
+    augmentations = []
+    for cls, strength_i, guidance_i, mask_i, inverted_i in zip(classes, strengths, guidance_scales, masks, inverteds):
+        options = dict(prompt=prompt, strength=strength_i, guidance_scale=guidance_i, mask=bool(mask_i),
+                       inverted=bool(inverted_i), class_prompts=class_prompts)
+        if issubclass(cls, TextualInversion):
+            options.update(embed_path=embed_path, use_embedding_noise=use_embedding_noise,
+                           std_deviations=std_deviations)
+        augmentations.append(cls(sampler, class_names, **options))
+    augmentation = augmentations[0] if count == 1 else COMPOSERS[compose](augmentations, probs)
+    logger.info("augmentation for %s: %s (strength %s, guidance %s, %d steps at %d², embedding noise %s, generated "
+                "prompts %s) on %s in %s", dataset_name, "+".join(aug_names), strengths, guidance_scales,
+                num_inference_steps, sampler.resolution, use_embedding_noise, use_generated_prompts, sampler.device,
+                dtype)
+    return augmentation
+
+
+# ----------------------------------------------------------------------------------------------------------
+# planning: one manifest row per synthetic image, fixed before anything is generated
+
+
+def plan_synthetic_images(dataset, augmentation: GenerativeAugmentation, num_synthetic: int,
+                          synthetic_dir: str | os.PathLike, seed: int) -> tuple[pd.DataFrame, list[Choice]]:
+    """Every synthetic image of the run, in the reference's order (real image major, then synthetic index).
+
+    Each class keeps its own counter over its synthetic images, which drives the token and prompt cycling.
+
+    Returns:
+        (manifest with `MANIFEST_COLUMNS`, the augmentation's `Choice` per row).
+    """
+    labels = dataset.labels
+    counters: dict[int, int] = defaultdict(int)
+    rows, choices = [], []
+    for real_idx in range(len(dataset)):
+        label = int(labels[real_idx])
+        class_name = dataset.class_names[label]
+        for synthetic_idx in range(num_synthetic):
+            image_seed = stable_seed(seed, real_idx, synthetic_idx)
+            choice = augmentation.choose(class_name, counters[label], image_seed)
+            counters[label] += 1
+            choices.append(choice)
+            rows.append((real_idx, synthetic_idx, label, class_name, choice.augmentation, choice.token, choice.prompt,
+                         image_seed, str(Path(synthetic_dir) / synthetic_image_name(label, real_idx, synthetic_idx))))
+    return pd.DataFrame(rows, columns=MANIFEST_COLUMNS), choices
+
+
+def dataset_settings(dataset) -> dict:
+    """The dataset selection behind a synthetic set: classes, split, seed, examples per class, and which images."""
+    data_dir = getattr(dataset, "data_dir", None)
+    if hasattr(dataset, "image_paths"):
+        paths = [str(p) for p in dataset.image_paths]
+    else:
+        paths = [str(dataset.get_metadata_by_idx(i).get("path", i)) for i in range(len(dataset))]
+    if data_dir is not None:  # relative, so that moving the data folder keeps the cache
+        paths = [os.path.relpath(p, data_dir) for p in paths]
+    return {"dataset": getattr(dataset, "dataset_name", type(dataset).__name__),
+            "split": getattr(dataset, "split", None), "seed": getattr(dataset, "seed", None),
+            "examples_per_class": getattr(dataset, "examples_per_class", None),
+            "class_names": list(dataset.class_names), "num_images": len(dataset),
+            "images_sha256": settings_digest([dataset.labels.tolist(), paths])}
+
+
+def cache_settings(dataset, augmentation: GenerativeAugmentation, num_synthetic: int, seed: int) -> dict:
+    """Everything that determines the synthetic images, with its fingerprint (what `settings.json` holds)."""
+    settings = {"format": CACHE_FORMAT, "seed": seed, "num_synthetic": num_synthetic,
+                "dataset": dataset_settings(dataset), "augmentation": augmentation.settings()}
+    return {"fingerprint": settings_digest(settings), "settings": settings}
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        flat = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: value}
+
+
+def _describe_changes(old: dict, new: dict, shown: int = 3, width: int = 40) -> str:
+    old, new = _flatten(old), _flatten(new)
+    changed = [key for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+    parts = [f"{key}: {str(old.get(key))[:width]} -> {str(new.get(key))[:width]}" for key in changed[:shown]]
+    if len(changed) > shown:
+        parts.append(f"and {len(changed) - shown} more")
+    return "; ".join(parts)
+
+
+def check_cache(synthetic_dir: Path, settings: dict, overwrite: bool) -> str:
+    """What to do with `synthetic_dir`: `new` (absent or empty), `reuse` (same settings) or `move` (overwrite).
+
+    Raises:
+        UserError: the folder holds images made with other settings (or with no settings.json) and not `overwrite`.
+    """
+    if not synthetic_dir.is_dir():
+        return "new"
+    settings_file = synthetic_dir / SETTINGS_NAME
+    if settings_file.is_file():
+        try:
+            old = json.loads(settings_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = {"fingerprint": None, "settings": {}}
+        if old.get("fingerprint") == settings["fingerprint"]:
+            return "reuse"
+        reason = f"made with other settings ({_describe_changes(old.get('settings', {}), settings['settings'])})"
+    elif any(synthetic_dir.glob("*.png")):
+        reason = f"not made by this version (no {SETTINGS_NAME})"
+    else:
+        return "new"
+    if overwrite:
+        return "move"
+    raise UserError(f"synthetic folder {synthetic_dir} holds images {reason}; pass a new --synthetic-dir, or "
+                    f"--overwrite-synthetic to move the old images aside")
+
+
+def _move_aside(folder: Path) -> Path:
+    number = 1
+    while folder.with_name(f"{folder.name}.old-{number}").exists():
+        number += 1
+    target = folder.with_name(f"{folder.name}.old-{number}")
+    os.replace(folder, target)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------------------
+# generation
+
+
+class ImageWriter:
+    """Writes PNGs on a thread pool (atomically), so encoding and disk overlap the next batch on the GPU."""
+
+    def __init__(self, threads: int = WRITER_THREADS):
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="png-writer")
+        self.pending = deque()
+
+    def submit(self, generated: GeneratedImages, index: int, path: str) -> None:
+        self.pending.append(self.pool.submit(self._save, generated, index, path))
+
+    @staticmethod
+    def _save(generated: GeneratedImages, index: int, path: str) -> None:
+        atomic_save_image(generated.pil(index), path, compress_level=PNG_COMPRESS_LEVEL)
+
+    def collect(self, max_pending: int) -> int:
+        """Wait until at most `max_pending` writes are pending; returns how many finished (errors re-raised)."""
+        finished = 0
+        while self.pending and (self.pending[0].done() or len(self.pending) > max_pending):
+            self.pending.popleft().result()
+            finished += 1
+        return finished
+
+    def __enter__(self) -> "ImageWriter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for future in self.pending:
+            future.cancel()
+        self.pool.shutdown(wait=True)
+
+
+def _generate_rows(dataset, augmentation: GenerativeAugmentation, manifest: pd.DataFrame, choices: list[Choice],
+                   rows: Sequence[int], batch_size: int, show_progress: bool) -> None:
+    """Make the images of manifest `rows`, `batch_size` per augmentation call; each real image is loaded once."""
+    real_indices = manifest["real_idx"].tolist()
+    seeds, paths = manifest["seed"].tolist(), manifest["path"].tolist()
+    loaded: dict[int, tuple] = {}
+    with ImageWriter() as writer, tqdm(total=len(rows), unit="img", desc="synthetic images", disable=not show_progress,
+                                       dynamic_ncols=True) as bar:
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start: start + batch_size]
+            needed = dict.fromkeys(real_indices[i] for i in batch)
+            loaded = {idx: loaded.get(idx) or (dataset.get_image_by_idx(idx), dataset.get_metadata_by_idx(idx))
+                      for idx in needed}
+            generated = augmentation.generate([loaded[real_indices[i]][0] for i in batch],
+                                              [loaded[real_indices[i]][1] for i in batch],
+                                              [choices[i] for i in batch], [seeds[i] for i in batch])
+            for position, i in enumerate(batch):
+                writer.submit(generated, position, paths[i])
+            bar.update(writer.collect(max_pending=PENDING_BATCHES * batch_size))
+        bar.update(writer.collect(max_pending=0))
+
+
+def generate_synthetic_images(dataset, augmentation: GenerativeAugmentation, num_synthetic: int,
+                              synthetic_dir: str | os.PathLike, seed: int, batch_size: int = 8, accelerator=None,
+                              progress: bool = True, overwrite: bool = False) -> pd.DataFrame:
+    """Make (or reuse) `num_synthetic` synthetic images per real image of `dataset` in `synthetic_dir`.
+
+    Args:
+        dataset: the training split (a `FewShotDataset`).
+        augmentation: from `build_augmentation`.
+        num_synthetic: synthetic images per real image (0 makes nothing).
+        synthetic_dir: the cache folder (see the module docstring).
+        seed: the run's seed; image (i, n) is seeded with a value derived from (seed, i, n).
+        batch_size: images per augmentation call (the GPU batch; the images do not depend on it).
+        accelerator: an accelerate `Accelerator`; with several processes each makes its share of the images.
+        progress: show a progress bar (images/s) on the main process.
+        overwrite: move a folder made with other settings aside instead of refusing it.
+
+    Returns:
+        The manifest (`MANIFEST_COLUMNS`, one row per image), also written to `{synthetic_dir}/manifest.csv`.
+
+    Raises:
+        UserError: the folder holds images made with other settings (and not `overwrite`).
+    """
+    if num_synthetic < 0 or batch_size < 1:
+        raise UserError(f"num_synthetic must be >= 0 and batch_size >= 1, got {num_synthetic} and {batch_size}")
+    synthetic_dir = Path(synthetic_dir)
+    manifest, choices = plan_synthetic_images(dataset, augmentation, num_synthetic, synthetic_dir, seed)
+    if num_synthetic == 0 or len(manifest) == 0:
+        return manifest
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    is_main = rank == 0
+
+    def barrier() -> None:
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+
+    # 1. the cache: every process checks (so all raise the same error); the main process prepares the folder
+    settings = cache_settings(dataset, augmentation, num_synthetic, seed)
+    action = check_cache(synthetic_dir, settings, overwrite)
+    if is_main:
+        if action == "move":
+            logger.warning("synthetic settings changed: moved the old images to %s", _move_aside(synthetic_dir))
+        removed = remove_stale_temporaries(synthetic_dir)
+        if removed:
+            logger.info("removed %d unfinished file(s) of an interrupted run from %s", removed, synthetic_dir)
+        if action != "reuse":
+            atomic_write_text(synthetic_dir / SETTINGS_NAME, json.dumps(settings, indent=1, sort_keys=True))
+    barrier()
+
+    # 2. this process's share of the missing images
+    paths = manifest["path"].tolist()
+    done = [Path(p).is_file() for p in paths]
+    real_indices = manifest["real_idx"].tolist()
+    todo = [i for i in range(len(manifest)) if real_indices[i] % world == rank and not done[i]]
+    if is_main:
+        logger.info("synthetic images: %d (%d per real image, %d real) in %s; %d cached, %d to make on %d process(es) "
+                    "in batches of %d", len(manifest), num_synthetic, len(dataset), synthetic_dir, sum(done),
+                    len(manifest) - sum(done), world, batch_size)
+    _generate_rows(dataset, augmentation, manifest, choices, todo, batch_size, show_progress=progress and is_main)
+    barrier()
+
+    # 3. the manifest, once every image exists
+    if is_main:
+        missing = [p for p in paths if not Path(p).is_file()]
+        if missing:
+            raise UserError(f"{len(missing)} synthetic images are missing in {synthetic_dir} (first: {missing[0]}); "
+                            f"rerun to resume")
+        manifest_file = synthetic_dir / MANIFEST_NAME
+        text = manifest.to_csv(index=False)
+        if not manifest_file.is_file() or manifest_file.read_text() != text:
+            atomic_write_csv(manifest, manifest_file)
+    barrier()
+    return manifest
+
+
+def synthetic_images_from_manifest(manifest: pd.DataFrame | str | os.PathLike) -> dict[int, list[str]]:
+    """Real index -> paths of its synthetic siblings, ordered by synthetic index (for `set_synthetic_images`).
+
+    Args:
+        manifest: a manifest DataFrame, or the path of a `manifest.csv` (or of the folder holding one).
+    """
+    if not isinstance(manifest, pd.DataFrame):
+        path = Path(manifest)
+        path = path / MANIFEST_NAME if path.is_dir() else path
+        if not path.is_file():
+            raise UserError(f"synthetic manifest not found: {path}")
+        manifest = pd.read_csv(path, keep_default_na=False)
+    siblings: dict[int, list[str]] = {}
+    for row in manifest.sort_values(["real_idx", "synthetic_idx"]).itertuples(index=False):
+        siblings.setdefault(int(row.real_idx), []).append(str(row.path))
+    return siblings

@@ -1,0 +1,749 @@
+"""Few-shot classifier training (`fit`), evaluation (`evaluate`), result tables and checkpoint files.
+
+The reference fed every training draw through a PIL pipeline in DataLoader workers (decode, crop, rotate,
+normalise), which bounds a linear probe at a few hundred images/s. Here each image, real or synthetic, is
+decoded once into a uint8 tensor of `image_size`² (the val/test `Resize`) kept on the training device, and
+the training transform runs there in batch with one `grid_sample` call. The semantics of SPEC §1-§3 are kept:
+
+* draws: DIAGen's class-balanced sampler (`class_balanced_sampler`), `batch_size × iterations_per_epoch` per epoch;
+* each draw becomes one of the real image's synthetic siblings with probability `synthetic_probability`, the
+  sibling picked uniformly or with the filter's sibling probabilities (`FewShotDataset.set_synthetic_images`);
+* train transform: RandomResizedCrop(scale 0.7-1, ratio 3/4-4/3; a plain resize for COCO), horizontal flip,
+  rotation up to ±15° with black corners, optional RandAugment and CutMix; val/test: the resize alone;
+* Adam (AdamW with weight decay), cross-entropy, best epoch by mean per-class validation accuracy (strict >),
+  kept as a real copy of the weights (the reference kept the last epoch's by mistake);
+* validation: the whole val split once, without replacement (the reference sampled it with replacement);
+  classes absent from a split are left out of its mean instead of counting as 0.
+
+The crop is drawn in the original image's pixel geometry (area fraction and aspect ratio), so caching at the
+output size changes only the resampling, not which part of the image is seen. On CUDA the model runs in
+bf16 autocast with channels_last; on the CPU in float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import os
+import pickle
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from semantic_aug.classifiers import FewShotClassifier
+from semantic_aug.few_shot_dataset import RANDOM_CROP_SCALE, RANDOM_ROTATION_DEGREES, class_balanced_sampler
+from semantic_aug.utils import UserError, atomic_torch_save, load_image
+
+logger = logging.getLogger(__name__)
+
+RESULTS_COLUMNS = ["idx", "seed", "examples_per_class", "epoch", "value", "metric", "split"]
+TEST_COLUMNS = ["idx", "value", "metric"]
+SELECT_BY = ("accuracy", "loss")
+DEFAULT_EVAL_BATCH_SIZE = 64
+RANDOM_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision RandomResizedCrop's default aspect-ratio range
+RANDOM_CROP_ATTEMPTS = 10  # torchvision's tries before falling back to a centre crop
+CUTMIX_PROBABILITY = 0.5  # chance that a draw gets a patch of another image (the reference's CutMix(prob=0.5))
+OUTSIDE_GRID = -4.0  # a grid_sample coordinate far outside [-1, 1]: samples zeros (the rotation's black corners)
+MAX_DECODE_THREADS = 8
+
+
+def default_num_workers() -> int:
+    """Decoding threads: one per CPU core, at most `MAX_DECODE_THREADS`."""
+    return max(1, min(MAX_DECODE_THREADS, os.cpu_count() or 1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# decoded-image cache
+
+
+@dataclass
+class ImageCache:
+    """Images decoded once and resized to a square.
+
+    Attributes:
+        images: uint8 (N, 3, S, S) on the training device; `images / 255` is the val/test transform's output.
+        sizes: float (N, 2) original (height, width) in pixels, on the CPU (the crop geometry needs them).
+    """
+
+    images: torch.Tensor
+    sizes: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def _decode_resized(load: Callable[[], object], image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    from PIL import Image
+
+    image = load()
+    width, height = image.size
+    # torchvision's Resize((S, S)) on a PIL image is exactly this call (bilinear with PIL's antialiasing)
+    resized = image.resize((image_size, image_size), Image.BILINEAR)
+    return np.array(resized, dtype=np.uint8), (height, width)  # a writable copy
+
+
+def build_image_cache(loaders: Sequence[Callable[[], object]], image_size: int, device: torch.device | str,
+                      num_workers: int | None = None, progress: bool = False, desc: str = "decode") -> ImageCache:
+    """Decode images in parallel threads into one uint8 tensor on `device`.
+
+    Args:
+        loaders: one zero-argument function per image returning an RGB PIL image.
+        image_size: side of the square each image is resized to.
+        device: where the image tensor lives.
+        num_workers: decoding threads (PIL releases the GIL while decoding); default `default_num_workers()`.
+        progress: show a progress bar.
+        desc: the progress bar's label.
+
+    Returns:
+        An `ImageCache` with the images in `loaders` order.
+    """
+    images = torch.empty((len(loaders), image_size, image_size, 3), dtype=torch.uint8)
+    sizes = torch.empty((len(loaders), 2), dtype=torch.float32)
+    workers = num_workers or default_num_workers()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        decoded = pool.map(partial(_decode_resized, image_size=image_size), loaders)
+        for i, (array, size) in enumerate(tqdm(decoded, total=len(loaders), desc=desc, disable=not progress,
+                                               leave=False)):
+            images[i] = torch.from_numpy(array)
+            sizes[i] = torch.tensor(size, dtype=torch.float32)
+    return ImageCache(images.permute(0, 3, 1, 2).contiguous().to(device), sizes)
+
+
+def cache_dataset(dataset, device: torch.device | str, num_workers: int | None = None,
+                  progress: bool = False) -> ImageCache:
+    """The real images of `dataset` (no synthetic ones) at `dataset.image_size`, in index order."""
+    loaders = [partial(dataset.get_image_by_idx, idx) for idx in range(len(dataset))]
+    return build_image_cache(loaders, dataset.image_size, device, num_workers, progress,
+                             desc=f"decode {getattr(dataset, 'split', '')}".strip())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the training transform, in batch on the device
+
+
+def sample_crop_boxes(sizes: torch.Tensor, generator: torch.Generator, random_crop: bool = True) -> torch.Tensor:
+    """RandomResizedCrop boxes (torchvision's algorithm, vectorised), in `grid_sample` coordinates.
+
+    Args:
+        sizes: float (n, 2) original (height, width) of each image.
+        generator: seeds the draws (CPU).
+        random_crop: False gives the whole image (COCO's plain resize).
+
+    Returns:
+        float (n, 4): centre x, centre y, half width, half height, in [-1, 1] image coordinates.
+    """
+    n = sizes.shape[0]
+    boxes = torch.zeros((n, 4))
+    boxes[:, 2:] = 1.0
+    if not random_crop or n == 0:
+        return boxes
+    height, width = sizes[:, :1], sizes[:, 1:]
+    area_fraction = torch.empty((n, RANDOM_CROP_ATTEMPTS)).uniform_(*RANDOM_CROP_SCALE, generator=generator)
+    log_ratio = torch.empty((n, RANDOM_CROP_ATTEMPTS)).uniform_(*map(math.log, RANDOM_CROP_RATIO), generator=generator)
+    ratio = log_ratio.exp()  # crop width / crop height, in pixels
+    crop_w = torch.sqrt(area_fraction * ratio * height / width)  # fractions of the image's width and height
+    crop_h = torch.sqrt(area_fraction / ratio * width / height)
+    valid = (crop_w <= 1) & (crop_h <= 1)
+    first = valid.float().argmax(dim=1, keepdim=True)
+    crop_w, crop_h = crop_w.gather(1, first)[:, 0], crop_h.gather(1, first)[:, 0]
+    # torchvision's fallback after failed attempts: the largest centred crop with a clamped aspect ratio
+    aspect = (width / height)[:, 0]
+    fallback_w = torch.where(aspect > RANDOM_CROP_RATIO[1], RANDOM_CROP_RATIO[1] / aspect, torch.ones_like(aspect))
+    fallback_h = torch.where(aspect < RANDOM_CROP_RATIO[0], aspect / RANDOM_CROP_RATIO[0], torch.ones_like(aspect))
+    found = valid.any(dim=1)
+    crop_w, crop_h = torch.where(found, crop_w, fallback_w), torch.where(found, crop_h, fallback_h)
+    offset = torch.rand((n, 2), generator=generator)
+    left = torch.where(found, offset[:, 0] * (1 - crop_w), (1 - crop_w) / 2)
+    top = torch.where(found, offset[:, 1] * (1 - crop_h), (1 - crop_h) / 2)
+    return torch.stack([2 * left + crop_w - 1, 2 * top + crop_h - 1, crop_w, crop_h], dim=1)
+
+
+def pixel_centres(image_size: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, x) grids (S, S) of pixel centres in [-1, 1] (`align_corners=False` convention)."""
+    line = (torch.arange(image_size, device=device, dtype=torch.float32) * 2 + 1) / image_size - 1
+    return torch.meshgrid(line, line, indexing="ij")
+
+
+def warp_images(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, angles: torch.Tensor,
+                image_size: int) -> torch.Tensor:
+    """Crop, resize, flip and rotate a batch in one bilinear `grid_sample`.
+
+    Same result as torchvision's RandomResizedCrop → RandomHorizontalFlip → RandomRotation applied one after
+    the other (corners the rotation uncovers are black), up to resampling.
+
+    Args:
+        images: uint8 (B, 3, H, W) source images.
+        boxes: (B, 4) crop boxes from `sample_crop_boxes`.
+        flips: (B,) +1 to keep, -1 to mirror horizontally.
+        angles: (B,) rotation in radians.
+        image_size: output side.
+
+    Returns:
+        float32 (B, 3, image_size, image_size) in [0, 1].
+    """
+    y, x = pixel_centres(image_size, images.device)
+    cos, sin = angles.cos()[:, None, None], angles.sin()[:, None, None]
+    # output pixel -> point of the flipped crop that the rotation moved there
+    u = cos * x - sin * y
+    v = sin * x + cos * y
+    outside = (u.abs() > 1) | (v.abs() > 1)
+    u = u * flips[:, None, None]
+    grid_x = boxes[:, 0, None, None] + u * boxes[:, 2, None, None]
+    grid_y = boxes[:, 1, None, None] + v * boxes[:, 3, None, None]
+    grid = torch.stack([grid_x, grid_y], dim=-1).masked_fill(outside[..., None], OUTSIDE_GRID)
+    warped = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return warped / 255.0
+
+
+def randaugment_batch(images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+    """torchvision's RandAugment with one policy per image, as the per-image PIL pipeline had; [0, 1] in and out.
+
+    Args:
+        images: float (B, 3, S, S) in [0, 1].
+        seeds: one seed per image for its random policy (RandAugment draws from torch's global generator, which
+            is set aside meanwhile).
+    """
+    from torchvision.transforms import v2
+
+    augment = v2.RandAugment()
+    as_uint8 = (images * 255).round().clamp(0, 255).to(torch.uint8)  # the PIL pipeline augmented 8-bit images
+    augmented = []
+    with torch.random.fork_rng(devices=[]):
+        for image, seed in zip(as_uint8, seeds):
+            torch.manual_seed(seed)
+            augmented.append(augment(image))
+    return torch.stack(augmented).float() / 255.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the training split on the device: real images, synthetic siblings, per-epoch draws
+
+
+@dataclass
+class EpochDraws:
+    """Everything random about one epoch, drawn on the CPU from the run's generator, then moved to the device.
+
+    One row per training draw (`batch_size × iterations_per_epoch`); batch b is rows [b·B, (b+1)·B).
+    """
+
+    real_index: torch.Tensor  # long: the real image the class-balanced sampler drew
+    cache_index: torch.Tensor  # long: row of the image cache (that image or one of its synthetic siblings)
+    labels: torch.Tensor  # long
+    synthetic: torch.Tensor  # bool: the draw was replaced by a synthetic sibling
+    loss_weights: torch.Tensor  # float: 1 for real images, the filter's loss weight for synthetic ones
+    boxes: torch.Tensor  # float (n, 4) crop boxes
+    flips: torch.Tensor  # float ±1
+    angles: torch.Tensor  # float radians
+    randaugment_seeds: torch.Tensor | None = None  # long: seeds each draw's RandAugment policy
+    cutmix_partner: torch.Tensor | None = None  # long: position in the batch of the image pasted in
+    cutmix_boxes: torch.Tensor | None = None  # float (n, 4): x0, y0, x1, y1 in [-1, 1]; empty when not mixed
+
+    def to(self, device: torch.device | str) -> "EpochDraws":
+        return EpochDraws(**{name: (value.to(device) if value is not None else None)
+                             for name, value in self.__dict__.items()})
+
+    def rows(self, start: int, stop: int) -> "EpochDraws":
+        return EpochDraws(**{name: (value[start:stop] if value is not None else None)
+                             for name, value in self.__dict__.items()})
+
+
+class TrainingData:
+    """The training split decoded onto `device`, with its synthetic siblings, drawing and augmenting batches.
+
+    Synthetic images are decoded only when `dataset.synthetic_probability > 0`, so a run with probability 0
+    never reads one.
+
+    Args:
+        dataset: a `FewShotDataset` (its `synthetic_images`, `synthetic_weights`, `synthetic_probability`,
+            `image_size` and `random_crop` are honoured; a custom `transform` is not used).
+        device: where images live and batches are built.
+        sample_loss_weights: synthetic image path (str) -> loss weight (filter mode `loss`, as
+            `semantic_aug.filtering.apply_filter_mode` returns them); other images weigh 1.
+        use_randaugment: add RandAugment after the geometric transform (None: `dataset.use_randaugment`).
+        use_cutmix: paste a box of another image of the batch into half of the draws (labels mixed by area).
+        num_workers: decoding threads.
+        progress: show decoding progress.
+    """
+
+    def __init__(self, dataset, device: torch.device | str, sample_loss_weights: dict[str, float] | None = None,
+                 use_randaugment: bool | None = None, use_cutmix: bool = False, num_workers: int | None = None,
+                 progress: bool = False):
+        self.device = torch.device(device)
+        self.image_size = dataset.image_size
+        self.random_crop = getattr(dataset, "random_crop", True)
+        self.synthetic_probability = float(getattr(dataset, "synthetic_probability", 0.0))
+        self.use_randaugment = (getattr(dataset, "use_randaugment", False) if use_randaugment is None
+                                else use_randaugment)
+        self.use_cutmix = use_cutmix
+        self.real_labels = torch.as_tensor(np.asarray(dataset.labels, dtype=np.int64))
+        num_real = len(self.real_labels)
+        if num_real == 0:
+            raise UserError("the training split is empty")
+
+        loaders: list[Callable[[], object]] = [partial(dataset.get_image_by_idx, idx) for idx in range(num_real)]
+        siblings: list[list[int]] = [[] for _ in range(num_real)]
+        probabilities: list[np.ndarray] = [np.zeros(0)] * num_real
+        loss_weights = [1.0] * num_real
+        if self.synthetic_probability > 0:
+            for idx, paths in sorted(getattr(dataset, "synthetic_images", {}).items()):
+                if not 0 <= idx < num_real:
+                    raise UserError(f"synthetic images are attached to real image {idx}, but the split has {num_real}")
+                siblings[idx] = list(range(len(loaders), len(loaders) + len(paths)))
+                loaders += [partial(load_image, path) for path in paths]
+                weights = dataset.synthetic_weights.get(idx) if getattr(dataset, "synthetic_weights", None) else None
+                probabilities[idx] = (np.asarray(weights, dtype=np.float64) if weights is not None
+                                      else np.full(len(paths), 1.0 / len(paths)))
+                loss_weights += [float((sample_loss_weights or {}).get(str(path), 1.0)) for path in paths]
+        self.num_synthetic_images = len(loaders) - num_real
+        self.cache = build_image_cache(loaders, self.image_size, self.device, num_workers, progress,
+                                       desc="decode train")
+        self.loss_weights = torch.tensor(loss_weights, dtype=torch.float32)
+
+        # sibling table: (num_real, K) cache rows and cumulative pick probabilities, padded with +inf
+        width = max([len(s) for s in siblings] + [1])
+        self.sibling_count = torch.tensor([len(s) for s in siblings], dtype=torch.int64)
+        self.sibling_rows = torch.zeros((num_real, width), dtype=torch.int64)
+        self.sibling_cdf = torch.full((num_real, width), math.inf, dtype=torch.float64)
+        for idx, rows in enumerate(siblings):
+            if rows:
+                self.sibling_rows[idx, : len(rows)] = torch.tensor(rows)
+                self.sibling_cdf[idx, : len(rows)] = torch.from_numpy(np.cumsum(probabilities[idx]))
+        self._pixel_grid = pixel_centres(self.image_size, self.device)
+
+    def draw_epoch(self, num_samples: int, batch_size: int, generator: torch.Generator) -> EpochDraws:
+        """All random choices of one epoch: which images, real or synthetic, and their transform parameters.
+
+        Args:
+            num_samples: draws in the epoch (`batch_size × iterations_per_epoch`).
+            batch_size: rows per batch (CutMix partners are picked within a batch).
+            generator: the run's CPU generator.
+
+        Returns:
+            `EpochDraws` on the device.
+        """
+        real_idx = torch.as_tensor(list(class_balanced_sampler(self.real_labels.numpy(), num_samples, generator)),
+                                   dtype=torch.int64)
+        # 1. replace a draw by a synthetic sibling with probability synthetic_probability (FewShotDataset semantics)
+        uniforms = torch.rand((num_samples, 2), generator=generator, dtype=torch.float64)
+        synthetic = (uniforms[:, 0] < self.synthetic_probability) & (self.sibling_count[real_idx] > 0)
+        choice = torch.searchsorted(self.sibling_cdf[real_idx], uniforms[:, 1:].contiguous(), right=True)[:, 0]
+        choice = torch.minimum(choice, (self.sibling_count[real_idx] - 1).clamp(min=0))
+        cache_index = torch.where(synthetic, self.sibling_rows[real_idx].gather(1, choice[:, None])[:, 0], real_idx)
+        # 2. the geometric transform's parameters
+        boxes = sample_crop_boxes(self.cache.sizes[cache_index], generator, self.random_crop)
+        flips = torch.where(torch.rand(num_samples, generator=generator) < 0.5, -1.0, 1.0)
+        max_angle = math.radians(RANDOM_ROTATION_DEGREES)
+        angles = torch.empty(num_samples).uniform_(-max_angle, max_angle, generator=generator)
+        draws = EpochDraws(real_index=real_idx, cache_index=cache_index, labels=self.real_labels[real_idx],
+                           synthetic=synthetic, loss_weights=self.loss_weights[cache_index], boxes=boxes, flips=flips,
+                           angles=angles)
+        if self.use_randaugment:
+            draws.randaugment_seeds = torch.randint(0, 2**62, (num_samples,), generator=generator)
+        if self.use_cutmix:
+            draws.cutmix_partner, draws.cutmix_boxes = self._draw_cutmix(num_samples, batch_size, generator)
+        return draws.to(self.device)
+
+    @staticmethod
+    def _draw_cutmix(num_samples: int, batch_size: int,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        position = torch.arange(num_samples)
+        batch_start = position - position % batch_size
+        batch_len = torch.clamp(num_samples - batch_start, max=batch_size)
+        offset = 1 + (torch.rand(num_samples, generator=generator) * (batch_len - 1).clamp(min=1)).long()
+        partner = (position - batch_start + offset) % batch_len
+        mixed = torch.rand(num_samples, generator=generator) < CUTMIX_PROBABILITY
+        kept_area = torch.rand(num_samples, generator=generator)  # λ ~ Beta(1, 1), the reference's CutMix(beta=1)
+        half_side = torch.sqrt(1 - kept_area) * mixed  # the pasted box covers 1 - λ of the image (before clipping)
+        centre = torch.rand((num_samples, 2), generator=generator) * 2 - 1
+        low, high = (centre - half_side[:, None]).clamp(-1, 1), (centre + half_side[:, None]).clamp(-1, 1)
+        return partner, torch.cat([low, high], dim=1)
+
+    def batch(self, draws: EpochDraws) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Augmented images for the rows of `draws` (one batch).
+
+        Returns:
+            images float (B, 3, S, S) in [0, 1]; labels (B,); partner labels (B,) for CutMix (the labels themselves
+            without it); kept fraction λ (B,) of each image (1 without CutMix).
+        """
+        images = warp_images(self.cache.images.index_select(0, draws.cache_index), draws.boxes, draws.flips,
+                             draws.angles, self.image_size)
+        if self.use_randaugment:
+            images = randaugment_batch(images, draws.randaugment_seeds.tolist())
+        labels, partner_labels = draws.labels, draws.labels
+        kept = torch.ones(labels.shape[0], device=images.device)
+        if draws.cutmix_partner is not None:
+            y, x = self._pixel_grid
+            box = draws.cutmix_boxes[:, :, None, None]
+            pasted = (x >= box[:, 0]) & (x < box[:, 2]) & (y >= box[:, 1]) & (y < box[:, 3])  # (B, S, S)
+            images = torch.where(pasted[:, None], images[draws.cutmix_partner], images)
+            kept = 1 - pasted.flatten(1).float().mean(dim=1)
+            partner_labels = labels[draws.cutmix_partner]
+        return images, labels, partner_labels, kept
+
+
+# ----------------------------------------------------------------------------------------------------------
+# metrics
+
+
+def autocast(device: torch.device):
+    """The model's precision context: bf16 autocast on GPUs that support it; float32 elsewhere."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_model_layout(images: torch.Tensor) -> torch.Tensor:
+    """Images in the memory layout the models run fastest with."""
+    # channels_last: cuDNN's tensor-core kernels want it, and oneDNN's CPU convolutions run ~3x faster with it
+    return images.contiguous(memory_format=torch.channels_last)
+
+
+def _class_sums(per_sample_loss: torch.Tensor, correct: torch.Tensor, labels: torch.Tensor,
+                num_classes: int) -> torch.Tensor:
+    """(3, C) per-class sums of loss, correct predictions and counts; stays on the device (no host sync)."""
+    sums = torch.zeros((3, num_classes), device=labels.device)
+    sums[0].index_add_(0, labels, per_sample_loss.detach().float())
+    sums[1].index_add_(0, labels, correct.float())
+    sums[2].index_add_(0, labels, torch.ones_like(per_sample_loss, dtype=torch.float32))
+    return sums
+
+
+@dataclass
+class ClassMetrics:
+    """Per-class mean loss and accuracy (NaN for classes absent from the split) and their means over present classes."""
+
+    loss: np.ndarray
+    accuracy: np.ndarray
+
+    @classmethod
+    def from_sums(cls, sums: torch.Tensor) -> "ClassMetrics":
+        loss_sum, correct, count = sums.double().cpu().numpy()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return cls(loss=np.where(count > 0, loss_sum / count, np.nan),
+                       accuracy=np.where(count > 0, correct / count, np.nan))
+
+    @property
+    def mean_loss(self) -> float:
+        return float(np.nanmean(self.loss)) if np.isfinite(self.loss).any() else math.nan
+
+    @property
+    def mean_accuracy(self) -> float:
+        return float(np.nanmean(self.accuracy)) if np.isfinite(self.accuracy).any() else math.nan
+
+
+class _SplitEvaluator:
+    """Loss and accuracy of a model on a cached split, in batches, without replacement.
+
+    For a frozen `FewShotClassifier` the backbone features of the split are computed once and reused, since the
+    val/test transform is deterministic and the backbone does not change.
+    """
+
+    def __init__(self, model: nn.Module, cache: ImageCache, labels: np.ndarray, num_classes: int, batch_size: int):
+        self.model, self.cache, self.num_classes, self.batch_size = model, cache, num_classes, batch_size
+        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64), device=cache.images.device)
+        self.reuse_features = isinstance(model, FewShotClassifier) and not model.finetune_backbone
+        self.features: list[torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def __call__(self) -> ClassMetrics:
+        self.model.eval()
+        device = self.cache.images.device
+        sums = torch.zeros((3, self.num_classes), device=device)
+        starts = range(0, len(self.cache), self.batch_size)
+        if self.reuse_features and self.features is None:
+            with autocast(device):
+                self.features = [self.model.features(self._images(s)) for s in starts]
+        for i, start in enumerate(starts):
+            with autocast(device):
+                logits = (self.model.classify_features(self.features[i]) if self.reuse_features
+                          else self.model(self._images(start)))
+            labels = self.labels[start: start + self.batch_size]
+            loss = F.cross_entropy(logits.float(), labels, reduction="none")
+            sums += _class_sums(loss, logits.argmax(dim=1) == labels, labels, self.num_classes)
+        return ClassMetrics.from_sums(sums)
+
+    def _images(self, start: int) -> torch.Tensor:
+        return to_model_layout(self.cache.images[start: start + self.batch_size].float() / 255.0)
+
+
+def metric_rows(metrics: ClassMetrics, class_names: Sequence[str], mean_prefix: str = "") -> list[tuple[float, str]]:
+    """(value, metric) pairs: the means, then per-class losses and accuracies named `Loss {Class.title()}`."""
+    rows = [(metrics.mean_loss, f"{mean_prefix}Loss"), (metrics.mean_accuracy, f"{mean_prefix}Accuracy")]
+    rows += [(float(v), f"Loss {name.title()}") for v, name in zip(metrics.loss, class_names)]
+    rows += [(float(v), f"Accuracy {name.title()}") for v, name in zip(metrics.accuracy, class_names)]
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fit / evaluate
+
+
+@dataclass
+class FitResult:
+    """What `fit` returns.
+
+    Attributes:
+        best_state_dict: a deep copy of the model's weights at the best epoch (already loaded into the model).
+        best_epoch: 0-based epoch of those weights.
+        history: the results table of SPEC (`RESULTS_COLUMNS`), one row per metric, split and epoch.
+        best_value: the selection metric at the best epoch (NaN without a validation split).
+        timings: seconds spent decoding (`decode_seconds`), training (`train_seconds`, summed over epochs, and
+            `epoch_train_seconds`, per epoch) and validating (`val_seconds`), and `train_images` drawn.
+    """
+
+    best_state_dict: dict[str, torch.Tensor]
+    best_epoch: int
+    history: pd.DataFrame
+    best_value: float = math.nan
+    timings: dict = field(default_factory=dict)
+
+
+def _deep_copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def _is_improvement(value: float, best: float | None, select_by: str) -> bool:
+    """Strictly better than the best so far (the first finite value always is); a tie keeps the earlier epoch."""
+    if math.isnan(value):
+        return best is None
+    if best is None or math.isnan(best):
+        return True
+    return value > best if select_by == "accuracy" else value < best
+
+
+def fit(model: nn.Module, train_dataset, val_dataset, *, num_epochs: int, iterations_per_epoch: int, batch_size: int,
+        lr: float = 1e-4, weight_decay: float = 0.0, select_by: str = "accuracy",
+        early_stopping_patience: int | None = None, device: torch.device | str, seed: int,
+        sample_loss_weights: dict[str, float] | None = None, use_randaugment: bool | None = None,
+        use_cutmix: bool = False, num_workers: int | None = None, progress: bool = True) -> FitResult:
+    """Train `model` on the few-shot split and keep its best epoch (SPEC §1 train_classifier, §3).
+
+    Args:
+        model: maps [0, 1] images (N, 3, S, S) to logits; a `FewShotClassifier` gets its frozen backbone kept in
+            eval mode and its validation features computed once.
+        train_dataset: a `FewShotDataset` (synthetic siblings attached with `set_synthetic_images`).
+        val_dataset: the validation split, evaluated whole once per epoch; None trains without selection (the
+            last epoch is kept).
+        num_epochs: epochs of `iterations_per_epoch` batches of `batch_size` class-balanced draws.
+        iterations_per_epoch: batches per epoch.
+        batch_size: draws per batch.
+        lr: Adam learning rate.
+        weight_decay: > 0 switches to AdamW with this decay.
+        select_by: `accuracy` keeps the epoch of the highest mean per-class val accuracy, `loss` of the lowest
+            mean per-class val loss (the filter's rule); ties keep the earlier epoch.
+        early_stopping_patience: stop after this many epochs without improvement (None: never).
+        device: where to train.
+        seed: seeds every draw of the run (images, synthetic replacement, transform parameters).
+        sample_loss_weights: synthetic image path (str) -> loss weight (filter mode `loss`, from
+            `semantic_aug.filtering.apply_filter_mode`); other images weigh 1. The batch loss is the mean of
+            weight × cross-entropy.
+        use_randaugment: RandAugment after the geometric transform (None: the training dataset's setting).
+        use_cutmix: CutMix within each batch.
+        num_workers: image-decoding threads.
+        progress: show a progress bar.
+
+    Returns:
+        A `FitResult`; the model holds the best epoch's weights on `device`.
+    """
+    if select_by not in SELECT_BY:
+        raise ValueError(f"select_by must be one of {SELECT_BY}, got {select_by!r}")
+    if num_epochs < 1 or iterations_per_epoch < 1 or batch_size < 1:
+        raise UserError(f"num_epochs, iterations_per_epoch and batch_size must be at least 1, got "
+                        f"{num_epochs}, {iterations_per_epoch}, {batch_size}")
+    device = torch.device(device)
+    generator = torch.Generator().manual_seed(seed)
+    class_names = list(train_dataset.class_names)
+    num_classes = len(class_names)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels once
+    model.to(device, memory_format=torch.channels_last)
+
+    # 1. decode every image once onto the device
+    started = time.perf_counter()
+    train_data = TrainingData(train_dataset, device, sample_loss_weights, use_randaugment, use_cutmix, num_workers,
+                              progress)
+    evaluator = None
+    if val_dataset is not None:
+        eval_batch_size = max(batch_size, DEFAULT_EVAL_BATCH_SIZE)
+        evaluator = _SplitEvaluator(model, cache_dataset(val_dataset, device, num_workers, progress),
+                                    val_dataset.labels, num_classes, eval_batch_size)
+    timings = {"decode_seconds": time.perf_counter() - started, "train_seconds": 0.0, "val_seconds": 0.0,
+               "epoch_train_seconds": [], "train_images": 0}
+
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if not parameters:
+        raise ValueError("the model has no trainable parameters")
+    optimizer_class = torch.optim.AdamW if weight_decay > 0 else torch.optim.Adam
+    optimizer = optimizer_class(parameters, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
+    logger.info("training: %d real + %d synthetic images (synthetic_probability %.2f), %d classes, %d epochs x %d "
+                "iterations x batch %d, device %s", len(train_data.real_labels), train_data.num_synthetic_images,
+                train_data.synthetic_probability, num_classes, num_epochs, iterations_per_epoch, batch_size, device)
+
+    # 2. epochs of class-balanced draws, each followed by one pass over the whole validation split
+    records: list[tuple] = []
+    examples_per_class = getattr(train_dataset, "examples_per_class", None)
+    best_state, best_epoch, best_value = None, -1, None
+    bar = tqdm(total=num_epochs * iterations_per_epoch, desc="train", disable=not progress, unit="it")
+    for epoch in range(num_epochs):
+        started = time.perf_counter()
+        model.train()
+        draws = train_data.draw_epoch(batch_size * iterations_per_epoch, batch_size, generator)
+        sums = torch.zeros((3, num_classes), device=device)
+        for iteration in range(iterations_per_epoch):
+            rows = draws.rows(iteration * batch_size, (iteration + 1) * batch_size)
+            images, labels, partner_labels, kept = train_data.batch(rows)
+            with autocast(device):
+                logits = model(to_model_layout(images))
+            logits = logits.float()
+            loss_per_sample = kept * F.cross_entropy(logits, labels, reduction="none")
+            if train_data.use_cutmix:
+                loss_per_sample = loss_per_sample + (1 - kept) * F.cross_entropy(logits, partner_labels,
+                                                                                 reduction="none")
+            loss = (rows.loss_weights * loss_per_sample).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sums += _class_sums(loss_per_sample, logits.argmax(dim=1) == labels, labels, num_classes)
+            bar.update(1)
+        train_metrics = ClassMetrics.from_sums(sums)  # the epoch's one host sync
+        timings["epoch_train_seconds"].append(time.perf_counter() - started)
+        timings["train_images"] += batch_size * iterations_per_epoch
+        records += [(epoch, value, metric, "Training") for value, metric in metric_rows(train_metrics, class_names)]
+
+        if evaluator is None:
+            best_state, best_epoch = _deep_copy_state(model), epoch
+            continue
+        started = time.perf_counter()
+        val_metrics = evaluator()
+        timings["val_seconds"] += time.perf_counter() - started
+        records += [(epoch, value, metric, "Validation") for value, metric in metric_rows(val_metrics, class_names)]
+        value = val_metrics.mean_accuracy if select_by == "accuracy" else val_metrics.mean_loss
+        if _is_improvement(value, best_value, select_by):
+            best_state, best_epoch, best_value = _deep_copy_state(model), epoch, value
+        bar.set_postfix(val_accuracy=f"{val_metrics.mean_accuracy:.3f}", best_epoch=best_epoch)
+        if early_stopping_patience is not None and epoch - best_epoch >= early_stopping_patience:
+            logger.info("early stopping after epoch %d: no improvement since epoch %d", epoch, best_epoch)
+            break
+    bar.close()
+    timings["train_seconds"] = float(sum(timings["epoch_train_seconds"]))
+
+    model.load_state_dict(best_state)
+    history = pd.DataFrame.from_records(
+        [(i, seed, examples_per_class, epoch, value, metric, split)
+         for i, (epoch, value, metric, split) in enumerate(records)], columns=RESULTS_COLUMNS)
+    return FitResult(best_state_dict=best_state, best_epoch=best_epoch, history=history,
+                     best_value=math.nan if best_value is None else best_value, timings=timings)
+
+
+def evaluate(model: nn.Module, dataset, device: torch.device | str, batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
+             num_workers: int | None = None, progress: bool = False) -> pd.DataFrame:
+    """Loss and accuracy of `model` on every image of `dataset` (its val/test transform: a resize).
+
+    Args:
+        model: maps [0, 1] images to logits.
+        dataset: a `FewShotDataset` split.
+        device: where to run.
+        batch_size: images per forward pass (results do not depend on it).
+        num_workers: image-decoding threads.
+        progress: show decoding progress.
+
+    Returns:
+        The test table of SPEC (`TEST_COLUMNS`): `Mean Loss`, `Mean Accuracy`, then `Loss {Class.title()}` and
+        `Accuracy {Class.title()}` per class (NaN for classes absent from the split, which the means leave out).
+    """
+    device = torch.device(device)
+    model.to(device, memory_format=torch.channels_last)
+    cache = cache_dataset(dataset, device, num_workers, progress)
+    metrics = _SplitEvaluator(model, cache, dataset.labels, dataset.num_classes, batch_size)()
+    rows = metric_rows(metrics, list(dataset.class_names), mean_prefix="Mean ")
+    return pd.DataFrame([(i, value, metric) for i, (value, metric) in enumerate(rows)], columns=TEST_COLUMNS)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# output files: results tables and classifier checkpoints
+
+
+def format_list(values) -> str:
+    """The reference's spelling of a list flag inside a file name: [0.7] -> `[0.7]`."""
+    return str(list(values)) if isinstance(values, (list, tuple)) else str(values)
+
+
+def classifier_filename(dataset: str, seed: int, examples_per_class: int, *, strength=None, guidance_scale=None,
+                        use_filter: bool = False, use_llm: bool = False, use_noise: bool = False,
+                        uncommon: bool = False) -> str:
+    """`classifier_{ds}_{seed}_{epc}[_{strength}_{guidance}][_filter][_llm][_noise][_uncommon].pth` (SPEC §1).
+
+    Args:
+        strength, guidance_scale: given (lists or numbers) when synthetic images were used.
+        use_filter, use_llm, use_noise, uncommon: DIAGen's switches of the run.
+    """
+    name = f"classifier_{dataset}_{seed}_{examples_per_class}"
+    if strength is not None and guidance_scale is not None:
+        name += f"_{format_list(strength)}_{format_list(guidance_scale)}"
+    for flag, suffix in ((use_filter, "_filter"), (use_llm, "_llm"), (use_noise, "_noise"), (uncommon, "_uncommon")):
+        if flag:
+            name += suffix
+    return name + ".pth"
+
+
+def results_csv_path(logdir: str | os.PathLike, dataset: str, seed: int, examples_per_class: int) -> Path:
+    """`{logdir}/results_{ds}_{seed}_{epc}.csv`: the training history."""
+    return Path(logdir) / f"results_{dataset}_{seed}_{examples_per_class}.csv"
+
+
+def test_csv_path(logdir: str | os.PathLike, split: str, dataset: str, seed: int, examples_per_class: int) -> Path:
+    """`{dirname(logdir)}/test/{split}_results_{ds}_{seed}_{epc}.csv`: the evaluation of the best model."""
+    return Path(logdir).parent / "test" / f"{split}_results_{dataset}_{seed}_{examples_per_class}.csv"
+
+
+def save_classifier(model: FewShotClassifier, path: str | os.PathLike, metadata: dict) -> None:
+    """Write a classifier checkpoint atomically.
+
+    Args:
+        model: the trained `FewShotClassifier`.
+        path: target `.pth` file.
+        metadata: plain values (str, numbers, lists, dicts) stored beside the weights; `class_names` is
+            stored as its own field.
+    """
+    payload = {"backbone": model.backbone_name, "num_classes": model.head.out_features,
+               "class_names": list(metadata.get("class_names", [])), "finetune_backbone": model.finetune_backbone,
+               "state_dict": {name: value.detach().cpu() for name, value in model.state_dict().items()},
+               "metadata": copy.deepcopy(metadata)}
+    atomic_torch_save(payload, path)
+
+
+def load_classifier(path: str | os.PathLike, device: torch.device | str = "cpu") -> FewShotClassifier:
+    """Rebuild a classifier saved by `save_classifier` (no weights are downloaded: they all come from the file).
+
+    Args:
+        path: the `.pth` file.
+        device: where to put the model.
+
+    Returns:
+        The `FewShotClassifier` in eval mode, with `class_names` and `metadata` attributes from the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"classifier checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        model = FewShotClassifier(payload["backbone"], payload["num_classes"],
+                                  finetune_backbone=payload["finetune_backbone"], pretrained=False)
+        model.load_state_dict(payload["state_dict"])
+    except (RuntimeError, KeyError, TypeError, ValueError, EOFError, OSError, pickle.UnpicklingError) as error:
+        raise UserError(f"corrupt or incompatible classifier checkpoint {path}: {error}".splitlines()[0]) from None
+    model.class_names = payload["class_names"]
+    model.metadata = payload["metadata"]
+    return model.to(device).eval()

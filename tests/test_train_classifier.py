@@ -1,0 +1,143 @@
+"""train_classifier.py end to end on CPU: the baseline and a Textual-Inversion + filter run on a small Custom-COCO
+layout (efficientnet_lite0 at 32 px, tiny SD), SPEC's output files, resume, and one-line errors."""
+
+import importlib.util
+import re
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from semantic_aug.datasets.custom_coco import CUSTOM_COCO_CLASSES
+from semantic_aug.embeddings import save_tokens, token_name
+from semantic_aug.training import RESULTS_COLUMNS, TEST_COLUMNS, load_classifier
+from semantic_aug.utils import UserError
+
+SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # tiny models; shared CPUs thrash with more threads
+QUICK = ["--classifier-backbone", "efficientnet_lite0", "--image-size", "32", "--iterations-per-epoch", "2",
+         "--num-epochs", "2", "--batch-size", "8", "--seeds", "0", "--examples-per-class", "1", "--num-workers", "2"]
+
+
+@pytest.fixture(scope="module")
+def script(repo_root):
+    """train_classifier.py imported as a module, to call parse_args / main in-process."""
+    spec = importlib.util.spec_from_file_location("train_classifier_script", repo_root / "train_classifier.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Custom COCO's layout with 9 train-val images (8 in the training pool, 1 for validation) and 1 test image
+    per class, 32x24 random pictures."""
+    root = tmp_path_factory.mktemp("custom_coco")
+    rng = np.random.default_rng(0)
+    for split, count in (("train-val", 9), ("test", 1)):
+        for name in CUSTOM_COCO_CLASSES:
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.jpg")
+    return root
+
+
+def run_paths(cwd, method, name="classifier_custom_coco_0_1.pth"):
+    base = cwd / "RESULTS" / "custom_coco_1epc" / method
+    return (base / "logs" / "results_custom_coco_0_1.csv", base / "test" / "test_results_custom_coco_0_1.csv",
+            base / "models" / name)
+
+
+def test_baseline_writes_spec_outputs_and_resumes(script_runner, data_dir, tmp_path):
+    arguments = ["--data-dir", data_dir, "--num-synthetic", "0", "--eval_on_test_set", "test", *QUICK]
+    first = script_runner("train_classifier.py", *arguments, cwd=tmp_path, env=SINGLE_THREAD, check=True)
+    results, test, model = run_paths(tmp_path, "baseline")
+
+    history = pd.read_csv(results)
+    assert list(history.columns) == RESULTS_COLUMNS
+    assert set(history["split"]) == {"Training", "Validation"} and set(history["epoch"]) == {0, 1}
+    assert {"Loss", "Accuracy", "Loss Bench", "Accuracy Wine_Glass"} <= set(history["metric"])
+    table = pd.read_csv(test)
+    assert list(table.columns) == TEST_COLUMNS and table["metric"][:2].tolist() == ["Mean Loss", "Mean Accuracy"]
+    assert len(table) == 2 + 2 * len(CUSTOM_COCO_CLASSES) and table["value"].notna().all()
+    classifier = load_classifier(model)
+    assert classifier.class_names == list(CUSTOM_COCO_CLASSES) and classifier.metadata["image_size"] == 32
+    assert "best epoch" in first.stderr
+
+    stamps = [p.stat().st_mtime_ns for p in (results, test, model)]
+    again = script_runner("train_classifier.py", *arguments, cwd=tmp_path, env=SINGLE_THREAD, check=True)
+    assert "skipped" in again.stderr and [p.stat().st_mtime_ns for p in (results, test, model)] == stamps
+
+    test.unlink()  # a lost test CSV is remade from the saved model, without training again
+    third = script_runner("train_classifier.py", *arguments, cwd=tmp_path, env=SINGLE_THREAD, check=True)
+    assert "evaluating the saved model" in third.stderr and results.stat().st_mtime_ns == stamps[0]
+    pd.testing.assert_frame_equal(pd.read_csv(test), table)
+
+
+def test_textual_inversion_with_filter(script_runner, data_dir, tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    tokens = tmp_path / "tokens.pt"
+    save_tokens({token_name(name): torch.randn(32, generator=generator) for name in CUSTOM_COCO_CLASSES}, tokens)
+    result = script_runner(
+        "train_classifier.py", "--data-dir", data_dir, "--method", "diagen", "--model-path", "tiny",
+        "--embed-path", tokens, "--num-synthetic", "1", "--num-inference-steps", "4", "--strength", "0.5",
+        "--guidance-scale", "7.5", "--synthetic-probability", "1", "--synthetic_filter", "train",
+        "--filter-mode", "loss", "--models-root", tmp_path / "models", *QUICK, cwd=tmp_path, env=SINGLE_THREAD,
+        check=True)
+    results, _, model = run_paths(tmp_path, "diagen", "classifier_custom_coco_0_1_[0.5]_[7.5]_filter.pth")
+    assert results.is_file() and model.is_file()
+    synthetic_dir = tmp_path / "RESULTS" / "custom_coco_1epc" / "diagen" / "synthetics_seed_0"
+    manifest = pd.read_csv(synthetic_dir / "manifest.csv")
+    assert len(manifest) == len(CUSTOM_COCO_CLASSES) and manifest["filter_weight"].between(0, 1).all()
+    # resized back to the real images' size
+    assert all(Image.open(tmp_path / path).size == (32, 24) for path in manifest["path"])
+    assert (tmp_path / "models" / "filter_custom_coco_0_1.pth").is_file()
+    assert f"{len(CUSTOM_COCO_CLASSES)} real + {len(CUSTOM_COCO_CLASSES)} synthetic images" in result.stderr
+
+
+def test_errors_are_one_line(script_runner, tmp_path):
+    result = script_runner("train_classifier.py", "--data-dir", tmp_path / "missing", *QUICK, env=SINGLE_THREAD)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: dataset directory does not exist: {tmp_path / 'missing'} (from --data-dir)"]
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--filter_mask_area", "3"], "--filter_mask_area 3"),
+    (["--synthetic-probability", "1.5"], "--synthetic-probability must lie in [0, 1]"),
+    (["--synthetic_filter", "use", "--num-synthetic", "0"], "needs synthetic images"),
+    (["--use-generated-prompts", "maybe"], "expected a boolean"),
+    (["--dataset", "coco", "--eval_on_test_set", "test_uncommon"], "coco has no such split"),
+])
+def test_impossible_flags_are_parser_errors(script, capsys, arguments, message):
+    with pytest.raises(SystemExit) as stop:
+        script.parse_args(arguments)
+    assert stop.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_flags_keep_the_reference_spellings(script):
+    args = script.parse_args(["--use-generated-prompts", "0", "--use-embedding-noise", "1", "--save_model", "False",
+                              "--eval_on_test_set", "test", "test_uncommon", "--synthetic_filter", "None"])
+    assert args.use_generated_prompts is False and args.use_embedding_noise is True and args.save_model is False
+    assert args.eval_on_test_set == ["test", "test_uncommon_context"] and args.synthetic_filter is None
+    run = script.plan_run(args, seed=1, examples_per_class=4)
+    assert run.embed_path.as_posix() == "tokens/custom_coco-tokens/noise/custom_coco-1-4.pt"
+    assert run.logdir.as_posix() == "RESULTS/custom_coco_4epc/baseline/logs"
+    assert run.synthetic_dir.as_posix() == "RESULTS/custom_coco_4epc/baseline/synthetics_seed_1"
+    assert run.model_path.name == "classifier_custom_coco_1_4_[0.7]_[15.0]_noise.pth"
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--logdir", "runs/{unknown}/logs"], "--logdir"),
+    (["--eval_on_test_set", "test_uncommon_context"], "test_uncommon_context not found"),
+    (["--num-synthetic", "1", "--model-path", "tiny", "--strength", "1.5"], "--strength must lie in (0, 1]"),
+    (["--num-synthetic", "1", "--model-path", "tiny", "--embed-path", "no/such/tokens.pt"], "token file not found"),
+])
+def test_bad_inputs_raise_user_errors(script, tmp_path, monkeypatch, arguments, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=re.escape(message)):
+        script.main(script.parse_args([*QUICK, "--device", "cpu", *arguments]))
