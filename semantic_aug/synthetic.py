@@ -403,12 +403,26 @@ def generate_synthetic_images(dataset, augmentation: GenerativeAugmentation, num
         if missing:
             raise UserError(f"{len(missing)} synthetic images are missing in {synthetic_dir} (first: {missing[0]}); "
                             f"rerun to resume")
-        manifest_file = synthetic_dir / MANIFEST_NAME
-        text = manifest.to_csv(index=False)
-        if not manifest_file.is_file() or manifest_file.read_text() != text:
-            atomic_write_csv(manifest, manifest_file)
+        stored = _stored_manifest(synthetic_dir / MANIFEST_NAME, manifest)
+        if stored is None:
+            atomic_write_csv(manifest, synthetic_dir / MANIFEST_NAME)
     barrier()
-    return manifest
+    stored = _stored_manifest(synthetic_dir / MANIFEST_NAME, manifest)
+    return stored if stored is not None else manifest
+
+
+def _stored_manifest(manifest_file: Path, planned: pd.DataFrame) -> pd.DataFrame | None:
+    """The manifest on disk if its `MANIFEST_COLUMNS` equal the plan, with any columns added later (the filter's
+    scores), so that a rerun keeps them; None if it is missing or describes other images."""
+    if not manifest_file.is_file():
+        return None
+    stored = pd.read_csv(manifest_file, keep_default_na=False)
+    if list(stored.columns[: len(MANIFEST_COLUMNS)]) != list(MANIFEST_COLUMNS) or len(stored) != len(planned):
+        return None
+    base = stored[list(MANIFEST_COLUMNS)]
+    if base.astype(str).equals(planned[list(MANIFEST_COLUMNS)].astype(str).reset_index(drop=True)):
+        return stored
+    return None
 
 
 def synthetic_images_from_manifest(manifest: pd.DataFrame | str | os.PathLike) -> dict[int, list[str]]:

@@ -1,0 +1,426 @@
+"""The filter (contribution c): calibration, the weight rule, sibling probabilities, the manifest cache, the
+filter modes, the CLI, and an honest offline check that a trained filter down-weights noise images."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from semantic_aug.classifiers import FewShotClassifier
+from semantic_aug.datasets.custom_coco import CustomCOCO
+from semantic_aug.filtering import (FILTER_CONFIDENCE_THRESHOLD, FilterModel, add_filter_weights, apply_filter_mode,
+                                    calibration_metrics, expected_calibration_error, filter_path, filter_weights,
+                                    fit_temperature, load_filter, normalise_sibling_weights, save_filter,
+                                    score_synthetic_images, scoring_transform)
+from semantic_aug.utils import UserError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small models on a shared CPU: one torch thread avoids OpenMP threads spinning against other processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- calibration -----------------------------------------------------------------------------------------------
+
+
+def overconfident_logits(scale: float, n: int = 2000, num_classes: int = 10, seed: int = 0):
+    """Labels drawn from softmax(z); the model reports `scale` × z, so the true temperature is `scale`."""
+    generator = torch.Generator().manual_seed(seed)
+    true_logits = 2.0 * torch.randn(n, num_classes, generator=generator)
+    labels = torch.multinomial(true_logits.softmax(dim=1), 1, generator=generator).squeeze(1)
+    return scale * true_logits, labels
+
+
+def test_temperature_scaling_lowers_nll_of_overconfident_logits():
+    logits, labels = overconfident_logits(scale=3.0)
+    log_temperature = fit_temperature(logits, labels)
+    before = calibration_metrics(logits, labels)
+    after = calibration_metrics(logits, labels, float(np.exp(log_temperature)))
+    print(f"T = {np.exp(log_temperature):.3f}; NLL {before['nll']:.4f} -> {after['nll']:.4f}; "
+          f"ECE {before['ece']:.4f} -> {after['ece']:.4f}")
+    assert after["nll"] < before["nll"] - 0.3
+    assert after["ece"] < before["ece"] / 3
+    assert np.exp(log_temperature) == pytest.approx(3.0, rel=0.1)  # recovers the known over-confidence
+    # the optimum: nudging T either way does not lower the NLL
+    for factor in (0.95, 1.05):
+        nudged = calibration_metrics(logits, labels, float(np.exp(log_temperature)) * factor)
+        assert nudged["nll"] >= after["nll"] - 1e-5
+
+
+def test_temperature_scaling_leaves_calibrated_logits_alone_and_fixes_underconfidence():
+    logits, labels = overconfident_logits(scale=1.0, seed=1)
+    assert np.exp(fit_temperature(logits, labels)) == pytest.approx(1.0, abs=0.1)
+    logits, labels = overconfident_logits(scale=0.25, seed=2)
+    assert np.exp(fit_temperature(logits, labels)) == pytest.approx(0.25, rel=0.1)
+
+
+def test_expected_calibration_error():
+    labels = torch.tensor([0, 1, 2, 0])
+    perfect = torch.nn.functional.one_hot(labels, 3).float()
+    assert expected_calibration_error(perfect, labels) == pytest.approx(0.0)
+    wrong_but_sure = torch.nn.functional.one_hot((labels + 1) % 3, 3).float()
+    assert expected_calibration_error(wrong_but_sure, labels) == pytest.approx(1.0)
+    # 0.6-confident everywhere, right half the time: a gap of 0.1
+    probabilities = torch.tensor([[0.6, 0.4, 0.0]] * 4)
+    assert expected_calibration_error(probabilities, torch.tensor([0, 1, 0, 1])) == pytest.approx(0.1, abs=1e-6)
+
+
+# -- weights -------------------------------------------------------------------------------------------------
+
+
+def test_filter_weight_rule_on_hand_made_confidences():
+    confidences = [0.0, 0.1, 0.25, 0.4999, 0.5, 0.7, 1.0]
+    np.testing.assert_allclose(filter_weights(confidences), [0.0, 0.2, 0.5, 0.9998, 1.0, 1.0, 1.0])
+    assert FILTER_CONFIDENCE_THRESHOLD == 0.5
+    for bad in ([-0.1], [1.5], [np.nan]):
+        with pytest.raises(ValueError):
+            filter_weights(bad)
+
+
+def test_sibling_weights_are_normalised_per_real_image():
+    weights = [1.0, 0.5, 0.5, 0.2, 0.6]
+    groups = [7, 7, 7, 3, 3]
+    probabilities = normalise_sibling_weights(weights, groups)
+    np.testing.assert_allclose(probabilities, [0.5, 0.25, 0.25, 0.25, 0.75])
+    for group in (7, 3):
+        assert probabilities[np.asarray(groups) == group].sum() == pytest.approx(1.0)
+
+
+def test_all_bad_siblings_keep_a_valid_distribution():
+    weights = filter_weights([0.0, 0.0, 0.0, 0.9])
+    probabilities = normalise_sibling_weights(weights, [0, 0, 0, 1])
+    np.testing.assert_allclose(probabilities, [1 / 3, 1 / 3, 1 / 3, 1.0])
+    # and the dataset's sibling sampler accepts it and can reach every sibling
+    dataset = CustomCOCO(split="train", examples_per_class=1, seed=0)
+    dataset.set_synthetic_images({0: ["a.png", "b.png", "c.png"]}, {0: probabilities[:3]})
+    chosen = {dataset.choose_synthetic(0, u) for u in np.linspace(0, 0.999, 30)}
+    assert chosen == {"a.png", "b.png", "c.png"}
+
+
+# -- the filter file -------------------------------------------------------------------------------------------
+
+
+def test_load_filter_without_a_saved_filter_names_the_expected_path(tmp_path):
+    expected = filter_path(tmp_path / "models", "custom_coco", 3, 4)
+    assert expected == tmp_path / "models" / "filter_custom_coco_3_4.pth"
+    with pytest.raises(UserError) as error:
+        load_filter(expected, "cpu")
+    message = str(error.value)
+    assert str(expected) in message and "train_filter.py" in message and "\n" not in message
+
+
+def random_filter(num_classes: int = 3, temperature: float = 1.0, seed: int = 0) -> FilterModel:
+    """A random linear head on the (offline) pretrained backbone, whose features do depend on the image."""
+    torch.manual_seed(seed)
+    classifier = FewShotClassifier("efficientnet_lite0", num_classes)
+    return FilterModel(classifier, float(np.log(temperature)), [f"class{i}" for i in range(num_classes)],
+                       image_size=64, filter_id=f"random-{seed}").eval()
+
+
+def test_save_and_load_filter_round_trip(tmp_path):
+    model = random_filter(temperature=2.5)
+    path = tmp_path / "filter.pth"
+    save_filter(model, path, metadata={"seed": 0})
+    loaded = load_filter(path, "cpu")
+    assert loaded.temperature == pytest.approx(2.5)
+    assert loaded.class_names == model.class_names and loaded.image_size == 64
+    images = torch.rand(2, 3, 64, 64)
+    torch.testing.assert_close(loaded(images), model(images))
+    path.write_bytes(b"not a filter")
+    with pytest.raises(UserError, match="cannot read filter file"):
+        load_filter(path, "cpu")
+
+
+# -- scoring and the manifest cache ----------------------------------------------------------------------------
+
+
+def write_images(folder: Path, count: int, size=(48, 40)) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        paths.append(folder / f"label_{i % 3}-{i // 2}-{i % 2}.png")
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(paths[-1])
+    return paths
+
+
+def small_dataset():
+    return CustomCOCO(split="train", examples_per_class=1, seed=0, image_size=64)
+
+
+def test_scores_repeat_whatever_the_order_and_batch_size(tmp_path):
+    paths = write_images(tmp_path, 5)
+    labels = [0, 1, 2, 0, 1]
+    model = random_filter()
+    transform = scoring_transform(small_dataset())
+    scores = score_synthetic_images(model, paths, labels, transform, num_views=3, seed=4, batch_size=64)
+    assert scores.shape == (5,) and ((0 <= scores) & (scores <= 1)).all()
+    batched = score_synthetic_images(model, paths, labels, transform, num_views=3, seed=4, batch_size=2)
+    reversed_scores = score_synthetic_images(model, paths[::-1], labels[::-1], transform, num_views=3, seed=4)
+    np.testing.assert_allclose(batched, scores, rtol=1e-5)
+    np.testing.assert_allclose(reversed_scores[::-1], scores, rtol=1e-5)
+    other_seed = score_synthetic_images(model, paths, labels, transform, num_views=3, seed=5)
+    assert not np.allclose(other_seed, scores)  # the views are random, and seeded
+
+
+def test_add_filter_weights_stores_scores_and_does_not_rescore(tmp_path):
+    paths = write_images(tmp_path / "synthetic", 6)
+    manifest = pd.DataFrame({"real_idx": [0, 0, 1, 1, 2, 2], "synthetic_idx": [0, 1] * 3, "label": [0, 0, 1, 1, 2, 2],
+                             "path": [str(p) for p in paths]})
+    model = random_filter(temperature=0.05)  # a sharp filter, so the weights spread over [0, 1]
+    manifest_path = tmp_path / "synthetic" / "manifest.csv"
+    scored = add_filter_weights(manifest, model, small_dataset(), num_views=2, manifest_path=manifest_path,
+                                progress=False)
+    assert {"confidence", "filter_weight", "filter_id"} <= set(scored.columns)
+    np.testing.assert_allclose(scored["filter_weight"], filter_weights(scored["confidence"]))
+    assert np.ptp(scored["filter_weight"]) > 0
+    on_disk = pd.read_csv(manifest_path)
+    np.testing.assert_allclose(on_disk["confidence"], scored["confidence"])
+    # the manifest is the cache: with the images gone, a rerun must not try to read them, whether it gets the
+    # scored manifest or a fresh unscored one (the generator's) together with the scored file
+    for path in paths:
+        path.unlink()
+    for given in (on_disk, manifest):
+        again = add_filter_weights(given, model, small_dataset(), manifest_path=manifest_path, progress=False)
+        np.testing.assert_allclose(again["confidence"], scored["confidence"])
+    # a different filter's scores are not reused
+    with pytest.raises(UserError, match="image file not found"):
+        add_filter_weights(on_disk, random_filter(seed=1), small_dataset(), progress=False)
+
+
+def scored_manifest():
+    return pd.DataFrame({
+        "real_idx": [0, 0, 0, 1, 1],
+        "synthetic_idx": [1, 0, 2, 0, 1],
+        "path": ["a1.png", "a0.png", "a2.png", "b0.png", "b1.png"],
+        "confidence": [0.1, 0.9, 0.0, 0.2, 0.3],
+    }).assign(filter_weight=lambda frame: filter_weights(frame["confidence"]))
+
+
+def test_filter_mode_sampling_is_the_paper():
+    images, sibling_weights, loss_weights = apply_filter_mode(scored_manifest(), "sampling")
+    assert images == {0: ["a0.png", "a1.png", "a2.png"], 1: ["b0.png", "b1.png"]}  # ordered by synthetic_idx
+    np.testing.assert_allclose(sibling_weights[0], [1.0 / 1.2, 0.2 / 1.2, 0.0])
+    np.testing.assert_allclose(sibling_weights[1], [0.4, 0.6])
+    assert loss_weights is None
+
+
+def test_filter_mode_loss_weights_the_loss_and_samples_uniformly():
+    images, sibling_weights, loss_weights = apply_filter_mode(scored_manifest(), "loss")
+    assert sibling_weights is None and images == {0: ["a0.png", "a1.png", "a2.png"], 1: ["b0.png", "b1.png"]}
+    assert loss_weights == pytest.approx({"a0.png": 1.0, "a1.png": 0.2, "a2.png": 0.0, "b0.png": 0.4, "b1.png": 0.6})
+
+
+def test_filter_mode_threshold_drops_low_confidence_images():
+    images, sibling_weights, loss_weights = apply_filter_mode(scored_manifest(), "threshold", threshold=0.25)
+    assert images == {0: ["a0.png"], 1: ["b1.png"]}
+    assert sibling_weights is None and loss_weights is None
+    images, _, _ = apply_filter_mode(scored_manifest(), "threshold", threshold=0.95)
+    assert images == {}  # every real image is then shown as itself
+
+
+def test_filter_modes_reach_the_training_draws(tmp_path):
+    """The modes' outputs plug into the shared training loop: sampling never picks a zero-weight sibling,
+    loss mode hands each synthetic draw its weight."""
+    from semantic_aug.training import TrainingData
+
+    paths = write_images(tmp_path, 5)
+    manifest = scored_manifest().assign(path=[str(p) for p in paths])
+    dataset = CustomCOCO(split="train", examples_per_class=1, seed=0, image_size=32, synthetic_probability=1.0)
+    generator = torch.Generator().manual_seed(0)
+
+    images, sibling_weights, _ = apply_filter_mode(manifest, "sampling")
+    dataset.set_synthetic_images(images, sibling_weights)
+    data = TrainingData(dataset, "cpu")
+    draws = data.draw_epoch(dataset.num_classes * 200, 16, generator)
+    picked = [str(p) for p in np.asarray(images[0] + images[1])[draws.cache_index[draws.synthetic] - len(dataset)]]
+    counts = {path: picked.count(path) for path in images[0]}
+    a0, a1, a2 = images[0]  # confidences 0.9, 0.1 and 0.0: weights 1, 0.2 and 0
+    assert counts[a2] == 0 and counts[a0] > 2 * counts[a1] > 0
+
+    images, _, loss_weights = apply_filter_mode(manifest, "loss")
+    dataset.set_synthetic_images(images)
+    draws = TrainingData(dataset, "cpu", sample_loss_weights=loss_weights).draw_epoch(dataset.num_classes * 50, 16,
+                                                                                     generator)
+    rows = draws.cache_index[draws.synthetic] - len(dataset)
+    expected = [loss_weights[p] for p in np.asarray(images[0] + images[1])[rows]]
+    assert len(set(expected)) > 2
+    np.testing.assert_allclose(draws.loss_weights[draws.synthetic].numpy(), expected)
+    assert (draws.loss_weights[~draws.synthetic] == 1).all()
+
+
+def test_filter_mode_rejects_unscored_manifests_and_unknown_modes():
+    with pytest.raises(UserError, match="not been scored"):
+        apply_filter_mode(scored_manifest().drop(columns=["confidence"]))
+    with pytest.raises(UserError, match="unknown filter mode"):
+        apply_filter_mode(scored_manifest(), "soft")
+
+
+def test_synthetic_filter_use_without_a_saved_filter_is_a_one_line_error(script_runner, tmp_path):
+    from semantic_aug.datasets.custom_coco import CUSTOM_COCO_CLASSES
+
+    rng = np.random.default_rng(0)
+    for name in CUSTOM_COCO_CLASSES:  # Custom COCO's layout, 9 small train-val images per class (8 train + 1 val)
+        (tmp_path / "data" / "train-val" / name).mkdir(parents=True)
+        for i in range(9):
+            Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(
+                tmp_path / "data" / "train-val" / name / f"{i}.jpg")
+    result = script_runner(
+        "train_classifier.py", "--data-dir", tmp_path / "data", "--seeds", "0", "--examples-per-class", "1",
+        "--num-synthetic", "1", "--aug", "real-guidance", "--model-path", "tiny", "--strength", "0.7",
+        "--guidance-scale", "7.5", "--num-inference-steps", "2", "--synthetic_filter", "use", "--models-root",
+        tmp_path / "models", "--classifier-backbone", "efficientnet_lite0", "--image-size", "32", "--device", "cpu",
+        cwd=tmp_path, env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    expected = filter_path(tmp_path / "models", "custom_coco", 0, 1)
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and last_line.startswith(f"error: no trained filter at {expected}:")
+    assert "Traceback" not in result.stderr
+
+
+# -- the script, and a filter it trains on a 4-class Custom COCO, shared by the tests below ---------------------------
+
+CHECK_CLASSES = ("bicycle", "clock", "keyboard", "potted_plant")  # visually distinct Custom COCO classes
+CHECK_DATASET = "custom_coco_filter_check"
+CHECK_EPC = 4
+CHECK_IMAGE_SIZE = 128
+CHECK_REAL_PER_CLASS = 8  # held-out real images scored per class
+NOISE_STRENGTH = 0.7  # img2img strength of DIAGen's generation
+NOISE_STEPS = 4  # scheduler steps before strength (2 executed): the tiny SD makes noise at any step count
+NOISE_GUIDANCE_SCALE = 7.5
+
+
+def load_train_filter_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_filter_script", Path(__file__).parents[1] / "train_filter.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_filter_cli_rejects_bad_flags(capsys):
+    script = load_train_filter_script()
+    with pytest.raises(SystemExit) as exit_info:
+        script.parse_args(["--max-epochs", "0"])
+    assert exit_info.value.code == 2 and "--max-epochs must be at least 1" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained_filter(tmp_path_factory):
+    """Run train_filter.py's main on a registered 4-class Custom COCO (links to the shipped images).
+
+    Yields (the script module, its argv, the work dir with data/, models/ and logs/); the dataset is unregistered
+    afterwards.
+    """
+    from semantic_aug.datasets import DATASETS, register_dataset
+    from semantic_aug.few_shot_dataset import FolderFewShotDataset
+
+    work = tmp_path_factory.mktemp("filter")
+    shipped = Path(CustomCOCO.default_data_dir) / "train-val"
+    (work / "data" / "train-val").mkdir(parents=True)
+    for class_name in CHECK_CLASSES:
+        (work / "data" / "train-val" / class_name).symlink_to(shipped / class_name, target_is_directory=True)
+
+    @register_dataset(CHECK_DATASET)
+    class Subset(FolderFewShotDataset):
+        class_names = CHECK_CLASSES
+
+    script = load_train_filter_script()
+    argv = ["--dataset", CHECK_DATASET, "--data-dir", str(work / "data"), "--seed", "0", "--examples-per-class",
+            str(CHECK_EPC), "--classifier-backbone", "efficientnet_lite0", "--iterations-per-epoch", "5",
+            "--max-epochs", "3", "--lr", "1e-3", "--image-size", str(CHECK_IMAGE_SIZE), "--models-root",
+            str(work / "models"), "--logdir", str(work / "logs"), "--device", "cpu"]
+    script.main(script.parse_args(argv))
+    yield script, argv, work
+    DATASETS.pop(CHECK_DATASET)
+
+
+def test_train_filter_script_saves_a_calibrated_filter_and_its_logs(trained_filter):
+    _, _, work = trained_filter
+    path = filter_path(work / "models", CHECK_DATASET, 0, CHECK_EPC)
+    filter_model = load_filter(path, "cpu")
+    assert filter_model.class_names == list(CHECK_CLASSES) and filter_model.temperature > 0
+    calibration = pd.read_csv(work / "logs" / f"calibration_filter_{CHECK_DATASET}_0_{CHECK_EPC}.csv")
+    print(calibration.to_dict("records"))
+    assert calibration.loc[0, "nll_after"] <= calibration.loc[0, "nll_before"]
+    assert calibration.loc[0, "temperature"] == pytest.approx(filter_model.temperature)
+    history = pd.read_csv(work / "logs" / f"train_filter_{CHECK_DATASET}_0_{CHECK_EPC}.csv")
+    assert list(history.columns) == ["idx", "seed", "examples_per_class", "epoch", "value", "metric", "split"]
+    assert set(history["split"]) == {"Training", "Validation"} and history["epoch"].max() == 2
+
+
+def test_train_filter_script_keeps_an_existing_filter(trained_filter, caplog):
+    script, argv, work = trained_filter
+    path = filter_path(work / "models", CHECK_DATASET, 0, CHECK_EPC)
+    modified = path.stat().st_mtime_ns
+    with caplog.at_level("INFO"):
+        script.main(script.parse_args(argv))
+    assert "exists; keeping it" in caplog.text
+    assert path.stat().st_mtime_ns == modified
+
+
+# -- the honest offline check ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def noise_generator(trained_filter):
+    """(make, train split): `make()` runs DIAGen's generation (img2img from every real training image of the
+    filter's split, the real code path) with the tiny SD, whose outputs are noise, and returns the manifest."""
+    from semantic_aug.datasets import create_dataset
+    from semantic_aug.synthetic import build_augmentation, generate_synthetic_images
+
+    _, _, work = trained_filter
+    train = create_dataset(CHECK_DATASET, split="train", examples_per_class=CHECK_EPC, seed=0, data_dir=work / "data",
+                           image_size=CHECK_IMAGE_SIZE)
+    augmentation = build_augmentation(["real-guidance"], model_path="tiny", embed_path=None, dataset_name=CHECK_DATASET,
+                                      class_names=train.class_names, prompt="a photo of a {name}",
+                                      strength=NOISE_STRENGTH, guidance_scale=NOISE_GUIDANCE_SCALE,
+                                      num_inference_steps=NOISE_STEPS)
+    def make():
+        return generate_synthetic_images(train, augmentation, 1, work / "synthetic", seed=0, progress=False)
+
+    return make, train
+
+
+def test_filter_gives_tiny_sd_noise_lower_weights_than_held_out_real_images(trained_filter, noise_generator):
+    from semantic_aug.datasets import create_dataset
+
+    _, _, work = trained_filter
+    make_noise, train = noise_generator
+    filter_model = load_filter(filter_path(work / "models", CHECK_DATASET, 0, CHECK_EPC), "cpu")
+    val = create_dataset(CHECK_DATASET, split="val", seed=0, data_dir=work / "data", image_size=CHECK_IMAGE_SIZE)
+
+    manifest = add_filter_weights(make_noise(), filter_model, train, seed=0,
+                                  manifest_path=work / "synthetic" / "manifest.csv", progress=False)
+    noise_weights = manifest["filter_weight"].to_numpy()
+    # held-out real images of the same classes, scored the same way: the first few validation images of each class
+    held_out = [i for i, label in enumerate(val.labels) if (val.labels[:i] == label).sum() < CHECK_REAL_PER_CLASS]
+    real_weights = filter_weights(score_synthetic_images(filter_model, [val.image_paths[i] for i in held_out],
+                                                         val.labels[held_out].tolist(),
+                                                         scoring_transform(train, filter_model.image_size)))
+    print(f"\nnoise weights {np.round(noise_weights, 3).tolist()}")
+    print(f"mean filter weight: tiny-SD noise {noise_weights.mean():.3f} (n={len(noise_weights)}), "
+          f"held-out real {real_weights.mean():.3f} (n={len(real_weights)})")
+    assert len(noise_weights) == len(train) and len(held_out) == CHECK_REAL_PER_CLASS * len(CHECK_CLASSES)
+    assert np.ptp(np.concatenate([noise_weights, real_weights])) > 0.1  # not a constant
+    assert noise_weights.mean() < real_weights.mean() - 0.25  # clearly lower, and not inverted
+
+
+def test_a_rerun_reuses_the_scores_in_the_manifest(trained_filter, noise_generator, caplog):
+    _, _, work = trained_filter
+    make_noise, train = noise_generator
+    filter_model = load_filter(filter_path(work / "models", CHECK_DATASET, 0, CHECK_EPC), "cpu")
+    manifest_path = work / "synthetic" / "manifest.csv"
+    first = add_filter_weights(make_noise(), filter_model, train, seed=0, manifest_path=manifest_path, progress=False)
+    with caplog.at_level("INFO", logger="semantic_aug.filtering"):  # a rerun: the generator reuses its images
+        again = add_filter_weights(make_noise(), filter_model, train, seed=0, manifest_path=manifest_path,
+                                   progress=False)
+    np.testing.assert_allclose(again["confidence"], first["confidence"])
+    assert "scoring" not in caplog.text
