@@ -1,7 +1,82 @@
-"""Placeholder: this script is being written (see the open issues)."""
+"""Merge the per-class tokens of `fine_tune.py` into one file per run, optionally with DIAGen's noisy tokens.
 
-import sys
+For every seed in `--seeds` and count in `--examples-per-class`:
+
+    {input_path}/{dataset}-{seed}-{epc}/{class_}/learned_embeds.bin
+        -> {output_dir}/{dataset}-tokens/{dataset}-{seed}-{epc}.pt
+
+With `--augment-embeddings True` (DIAGen contribution a, `embedding_noise`), a second file
+`{output_dir}/{dataset}-tokens/noise/{dataset}-{seed}-{epc}.pt` holds each token and, for each σ of
+`--std-deviation`, a noisy copy `<class_σ>` = e + σ·N(0, I). The noise is seeded (`--seed`, the run's seed and
+epc), so reruns write identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from semantic_aug.datasets import create_dataset, get_dataset_class, list_datasets
+from semantic_aug.embeddings import (collect_class_tokens, embedding_noise, save_tokens, stable_seed,
+                                     tokens_path)
+from semantic_aug.utils import run_cli, str2bool
+
+logger = logging.getLogger("aggregate_embeddings")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="Seeds of the fine_tune.py runs to merge.")
+    parser.add_argument("--examples-per-class", type=int, nargs="+", default=[2, 4, 8],
+                        help="Examples per class of the fine_tune.py runs to merge.")
+    parser.add_argument("--input-path", default="./fine-tuned", help="The fine-tuned/ folder that fine_tune.py wrote.")
+    parser.add_argument("--dataset", default="custom_coco", choices=list_datasets(),
+                        help="Dataset the tokens belong to.")
+    parser.add_argument("--data-dir", default=None,
+                        help="The dataset's folder; only needed where the class list comes from the data (coco).")
+    parser.add_argument("--augment-embeddings", type=str2bool, default=False,
+                        help="Also write the noise file with noisy copies of every token (true/false).")
+    parser.add_argument("--std-deviation", type=float, nargs="+", default=[0.005, 0.01, 0.025],
+                        help="Absolute noise standard deviations σ, one noisy token <class_σ> each.")
+    parser.add_argument("--output-dir", default="tokens", help="Folder that receives {dataset}-tokens/.")
+    parser.add_argument("--seed", type=int, default=0, help="Seeds the embedding noise (with each run's seed and epc).")
+    args = parser.parse_args(argv)
+    if any(std < 0 for std in args.std_deviation):
+        parser.error(f"--std-deviation values must be 0 or more, got {args.std_deviation}")
+    if len(set(args.std_deviation)) != len(args.std_deviation):
+        parser.error(f"--std-deviation has repeated values {args.std_deviation}; each σ names one token")
+    return args
+
+
+def class_names_of(dataset: str, seed: int, examples_per_class: int, data_dir: str | None) -> list[str]:
+    """The dataset's classes: fixed for folder datasets, read from the data for COCO."""
+    names = list(get_dataset_class(dataset).class_names)
+    if names:
+        return names
+    return list(create_dataset(dataset, split="train", examples_per_class=examples_per_class, seed=seed,
+                               data_dir=data_dir).class_names)
+
+
+def main(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for seed in args.seeds:
+        for examples_per_class in args.examples_per_class:
+            class_names = class_names_of(args.dataset, seed, examples_per_class, args.data_dir)
+            run_dir = Path(args.input_path) / f"{args.dataset}-{seed}-{examples_per_class}"
+            tokens = collect_class_tokens(run_dir, class_names)
+            path = tokens_path(args.dataset, seed, examples_per_class, root=args.output_dir)
+            save_tokens(tokens, path)
+            logger.info("wrote %s: %d tokens of width %d", path, len(tokens), next(iter(tokens.values())).shape[0])
+            if args.augment_embeddings:
+                noise_seed = stable_seed(args.seed, seed, examples_per_class)
+                noisy = embedding_noise(tokens, args.std_deviation, seed=noise_seed)
+                noise_path = tokens_path(args.dataset, seed, examples_per_class, noise=True, root=args.output_dir)
+                save_tokens(noisy, noise_path)
+                logger.info("wrote %s: %d tokens (σ = %s)", noise_path, len(noisy),
+                            ", ".join(str(std) for std in args.std_deviation))
+
 
 if __name__ == "__main__":
-    print("error: aggregate_embeddings.py is not implemented yet", file=sys.stderr)
-    sys.exit(1)
+    run_cli(main, parse_args)

@@ -163,3 +163,44 @@ def load_sd_components(name_or_path: str = TINY_MODEL_NAME, revision: str | None
 def default_resolution(unet, vae) -> int:
     """Native image side of a model: 512 for SD v1.x, 64 for `tiny`."""
     return int(unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1))
+
+
+def build_random_sd_v1(device: str | torch.device = "cpu", seed: int = 0):
+    """Stable Diffusion v1.4's architecture at full size with random weights, for benchmarks (speed does not
+    depend on the weight values, and nothing needs downloading).
+
+    The configs are those of `CompVis/stable-diffusion-v1-4`: UNet 320/640/1280/1280 channels, 2 layers per block,
+    8 attention heads, 768-wide cross-attention on 64×64 latents; the 4-level VAE; the CLIP ViT-L/14 text encoder
+    (768 wide, 12 layers, 12 heads); the DDPM training schedule. Parameters are created directly on `device`.
+
+    Returns:
+        (tokenizer, text_encoder, vae, unet, noise_scheduler), as `load_sd_components` returns them.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = load_tokenizer()
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        with torch.device(device):
+            unet = UNet2DConditionModel(
+                sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                block_out_channels=(320, 640, 1280, 1280),
+                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
+            vae = AutoencoderKL(
+                in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                norm_num_groups=32, sample_size=512, scaling_factor=VAE_SCALING_FACTOR)
+            text_encoder = CLIPTextModel(CLIPTextConfig(
+                vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                num_attention_heads=12, max_position_embeddings=CLIP_MAX_LENGTH, hidden_act="quick_gelu",
+                projection_dim=768, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id))
+    finally:
+        torch.random.set_rng_state(generator_state)
+    noise_scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                    num_train_timesteps=1000, clip_sample=False, steps_offset=1)
+    return tokenizer, text_encoder, vae, unet, noise_scheduler

@@ -42,3 +42,18 @@ def run_script(script: str, *args: str, cwd: Path | str | None = None, env: dict
 @pytest.fixture(scope="session")
 def script_runner():
     return run_script
+
+
+def import_script(name: str):
+    """Import a top-level script (`fine_tune`, ...) as a module, to call its `parse_args`/`main` in-process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO_ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def script_module():
+    return import_script
