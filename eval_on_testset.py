@@ -1,0 +1,111 @@
+"""Evaluate a saved classifier on one split of a dataset and write the SPEC test CSV.
+
+    python eval_on_testset.py --dataset custom_coco --split test --seed 0 --epc 2 --logdir logs \
+        --model RESULTS/custom_coco_2epc/diagen/models/classifier_custom_coco_0_2.pth
+
+writes `{logdir}/evaluation_on_{dataset}_{split}_{seed}_{epc}.csv` with columns idx, value, metric: `Mean Loss`,
+`Mean Accuracy` (the mean of the per-class accuracies), then `Loss {Class}` and `Accuracy {Class}` per class.
+Any split of the dataset works (`test`, `test_uncommon_context`, `val`); `--seed` selects the `val` images
+(the split depends on the seed, as in training). A CSV newer than the model is kept unless --overwrite.
+"""
+
+import argparse
+import logging
+from pathlib import Path
+
+from semantic_aug.datasets import create_dataset, list_datasets
+from semantic_aug.few_shot_dataset import DEFAULT_IMAGE_SIZE, EVAL_SPLITS
+from semantic_aug.training import DEFAULT_EVAL_BATCH_SIZE, evaluate, load_classifier
+from semantic_aug.utils import UserError, atomic_write_csv, pick_device, run_cli
+
+logger = logging.getLogger("eval_on_testset")
+
+SPLIT_ALIASES = {"test_uncommon": "test_uncommon_context"}  # the reference's name for the uncommon split
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="custom_coco", choices=list_datasets(), help="dataset to evaluate on")
+    parser.add_argument("--split", default="test", choices=[*EVAL_SPLITS, *SPLIT_ALIASES],
+                        help="split to evaluate (test_uncommon is an alias of test_uncommon_context)")
+    parser.add_argument("--model", required=True, help="classifier checkpoint (.pth) written by train_classifier.py")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the run: selects the val images, and names the output file")
+    parser.add_argument("--epc", "--examples-per-class", dest="epc", type=int, default=0,
+                        help="examples per class of the run (names the output file)")
+    parser.add_argument("--logdir", default="logs", help="folder of the output CSV")
+    parser.add_argument("--data-dir", default=None,
+                        help="dataset folder (default: the dataset's own default or environment variable); needed "
+                             "for test_uncommon_context, which the shipped Custom COCO copy lacks")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help=f"input side in pixels (default: the size the classifier was trained at, else "
+                             f"{DEFAULT_IMAGE_SIZE})")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_EVAL_BATCH_SIZE,
+                        help="images per forward pass (the results do not depend on it; the reference used 1)")
+    parser.add_argument("--num-workers", type=int, default=None, help="image-decoding threads (default: automatic)")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:1 or a GPU index as in the reference (default: a GPU if present)")
+    parser.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                        help="evaluate even when the output CSV is newer than the model")
+    args = parser.parse_args()
+    args.split = SPLIT_ALIASES.get(args.split, args.split)
+    for name in ("batch_size", "image_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    return args
+
+
+def output_path(logdir: str, dataset: str, split: str, seed: int, epc: int) -> Path:
+    """`{logdir}/evaluation_on_{dataset}_{split}_{seed}_{epc}.csv` (the reference's name)."""
+    return Path(logdir) / f"evaluation_on_{dataset}_{split}_{seed}_{epc}.csv"
+
+
+def check_classes(model, dataset, model_path: str) -> None:
+    """Refuse a classifier trained on other classes than `dataset` has (count, and names in order when saved).
+
+    Args:
+        model: from `load_classifier` (its `class_names` may be empty for old checkpoints).
+        dataset: the split to evaluate on.
+        model_path: for the message.
+    """
+    if model.head.out_features != dataset.num_classes:
+        raise UserError(f"classifier {model_path} has {model.head.out_features} classes but {dataset.dataset_name} "
+                        f"has {dataset.num_classes}; pass the --dataset it was trained on")
+    if model.class_names and list(model.class_names) != list(dataset.class_names):
+        raise UserError(f"classifier {model_path} was trained on other classes ({', '.join(model.class_names[:3])}, "
+                        f"...) than {dataset.dataset_name}; pass the --dataset it was trained on")
+
+
+def main(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    output = output_path(args.logdir, args.dataset, args.split, args.seed, args.epc)
+    model_file = Path(args.model)
+    if not model_file.is_file():
+        raise UserError(f"classifier checkpoint not found: {model_file} (train_classifier.py saves them under "
+                        f"{{dirname(logdir)}}/models/)")
+    if output.is_file() and not args.overwrite and output.stat().st_mtime >= model_file.stat().st_mtime:
+        logger.info("%s exists and is newer than the model; kept (pass --overwrite to evaluate again)", output)
+        return
+
+    # 1. the classifier, at the resolution it was trained at
+    device = pick_device(args.device)
+    model = load_classifier(model_file, device)
+    image_size = args.image_size or int(model.metadata.get("image_size", DEFAULT_IMAGE_SIZE))
+
+    # 2. the split: every image of it (val depends on the seed, as during training)
+    dataset = create_dataset(args.dataset, split=args.split, seed=args.seed, image_size=image_size,
+                             data_dir=args.data_dir)
+    check_classes(model, dataset, args.model)
+    logger.info("evaluating %s on %d images of %s/%s at %d px on %s", model_file, len(dataset), args.dataset,
+                args.split, image_size, device)
+
+    # 3. loss and accuracy, overall and per class
+    results = evaluate(model, dataset, device, batch_size=args.batch_size, num_workers=args.num_workers, progress=True)
+    atomic_write_csv(results, output)
+    accuracy = results.loc[results["metric"] == "Mean Accuracy", "value"].item()
+    logger.info("mean per-class accuracy %.2f%% on %s/%s; wrote %s", 100 * accuracy, args.dataset, args.split, output)
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)

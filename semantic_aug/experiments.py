@@ -1,0 +1,606 @@
+"""The paper's experiment grid: methods × seeds × examples per class, run through the repository's scripts.
+
+    python -m semantic_aug.experiments --config experiments/custom_coco.yaml --dry-run   # print the commands
+    python -m semantic_aug.experiments --config experiments/custom_coco.yaml             # run them
+
+A YAML config (see experiments/*.yaml) names the dataset, the seeds and examples per class, the flags of each
+script, and the methods: each method is a set of `train_classifier.py` flags on top of the common ones.
+The runner plans one job per script call:
+
+1. `generate_prompts.py` once per dataset, if a method uses LLM prompts and the prompt CSV is missing;
+2. per (seed, examples per class), if a method needs them: `fine_tune.py`, `aggregate_embeddings.py`
+   (plain and, with embedding noise, noisy tokens) and `train_filter.py`;
+3. `train_classifier.py` per (method, seed, examples per class), logging to
+   `{results_dir}/{dataset}_{epc}epc/{method}/logs`, the layout `report.py` reads.
+
+A job whose outputs exist is skipped, so a rerun resumes the grid. Jobs run one per GPU at a time
+(`CUDA_VISIBLE_DEVICES` names the GPU; the scripts then use "their" GPU 0), or one at a time on a CPU-only
+machine. Each job writes its own log file (appended to on reruns). When the grid is done the report
+(`semantic_aug.reporting`) is built from the results folder.
+
+Flags in the config: a key is the script's flag without `--`, spelled as the script spells it
+(`pretrained_model_name_or_path`, `use-embedding-noise`, `synthetic_filter`); `true` passes the bare flag,
+`false` and `null` leave it out, a list passes several values. The reference's value-taking booleans are
+written as values (`use-embedding-noise: 1`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from semantic_aug.utils import UserError, run_cli, str2bool
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the top-level scripts live here
+CONFIG_KEYS = {
+    "dataset": None, "data_dir": None, "results_dir": "RESULTS", "model_path": "CompVis/stable-diffusion-v1-4",
+    "seeds": [0, 1, 2], "examples_per_class": [2, 4, 8], "eval_splits": ["test"], "models_root": "models",
+    "fine_tune": {}, "aggregate_embeddings": {}, "prompts": {}, "filter": {}, "train_classifier": {}, "methods": None,
+    "report": True,
+}
+# Flags the runner sets itself per job; a config that sets them would contradict the grid.
+RUNNER_FLAGS = {
+    "fine_tune": {"pretrained_model_name_or_path", "dataset", "seeds", "examples-per-class", "data-dir"},
+    "aggregate_embeddings": {"dataset", "seeds", "examples-per-class", "augment-embeddings", "input-path", "data-dir"},
+    "generate": {"dataset", "outdir", "out-filename"},
+    "filter": {"dataset", "seeds", "seed", "examples-per-class", "data-dir", "models-root"},
+    "train_classifier": {"dataset", "seeds", "examples-per-class", "method", "logdir", "synthetic-dir",
+                         "eval_on_test_set", "data-dir", "model-path", "prompt-path", "models-root"},
+}
+TOKENS_ROOT = "tokens"  # aggregate_embeddings.py's default output, where train_classifier.py looks by default
+FINE_TUNE_OUTPUT = "./"  # fine_tune.py's default --output_dir; it writes {output_dir}/fine-tuned/
+METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # becomes a folder name
+TEST_SPLITS = ("test", "test_uncommon_context")  # what train_classifier.py --eval_on_test_set evaluates
+DEFAULT_AUG = "textual-inversion"  # train_classifier.py's default --aug
+DEFAULT_NUM_SYNTHETIC = 10  # train_classifier.py's default --num-synthetic
+POLL_SECONDS = 0.2  # how often idle workers look for a job whose prerequisites finished
+
+
+# ----------------------------------------------------------------------------------------------------------
+# config
+
+
+def load_config(path: str | os.PathLike) -> dict:
+    """Read and check an experiment config; missing keys get their defaults (`CONFIG_KEYS`).
+
+    Args:
+        path: the YAML file.
+
+    Returns:
+        The config as a dict.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"config {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"config {path} must be a mapping of keys to values")
+    unknown = sorted(set(raw) - set(CONFIG_KEYS))
+    if unknown:
+        raise UserError(f"unknown key(s) {', '.join(unknown)} in {path}; known: {', '.join(CONFIG_KEYS)}")
+    config = {key: raw.get(key, default) for key, default in CONFIG_KEYS.items()}
+    for key in ("fine_tune", "aggregate_embeddings", "prompts", "filter", "train_classifier"):
+        config[key] = config[key] or {}
+        if not isinstance(config[key], dict):
+            raise UserError(f"{key} in {path} must be a mapping of flags to values")
+    if not config["dataset"]:
+        raise UserError(f"config {path} needs `dataset:` (e.g. custom_coco)")
+    if not isinstance(config["methods"], dict) or not config["methods"]:
+        raise UserError(f"config {path} needs `methods:`, a mapping of method names to train_classifier.py flags")
+    for method, flags in config["methods"].items():
+        if not METHOD_NAME.match(str(method)):
+            raise UserError(f"method name {method!r} in {path} must be a plain folder name (letters, digits, _ . -)")
+        if flags is not None and not isinstance(flags, dict):
+            raise UserError(f"method {method} in {path} must map flags to values (or be empty)")
+        config["methods"][method] = flags or {}
+    for key in ("seeds", "examples_per_class", "eval_splits"):
+        config[key] = [config[key]] if isinstance(config[key], (int, str)) else list(config[key] or [])
+    _check_runner_flags(config, path)
+    return config
+
+
+def _check_runner_flags(config: dict, path: Path) -> None:
+    sections = [("fine_tune", config["fine_tune"]), ("aggregate_embeddings", config["aggregate_embeddings"]),
+                ("generate", config["prompts"].get("generate") or {}), ("filter", config["filter"]),
+                ("train_classifier", config["train_classifier"])]
+    sections += [("train_classifier", flags) for flags in config["methods"].values()]
+    for section, flags in sections:
+        clash = sorted(set(flags) & RUNNER_FLAGS[section])
+        if clash:
+            raise UserError(f"{', '.join(clash)} in the {section} flags of {path} is set by the runner per job; "
+                            f"use the top-level keys (dataset, data_dir, seeds, examples_per_class, model_path, "
+                            f"eval_splits, models_root, prompts.path) instead")
+
+
+def flag_arguments(flags: dict) -> list[str]:
+    """Turn a config mapping into command-line arguments (`true` → bare flag, `false`/`null` → left out).
+
+    Args:
+        flags: flag name (without `--`) to value.
+
+    Returns:
+        The argument list, e.g. `["--strength", "0.7", "--scale_lr"]`.
+    """
+    arguments = []
+    for name, value in flags.items():
+        if value is None or value is False:
+            continue
+        if value is True:
+            arguments.append(f"--{name}")
+        elif isinstance(value, (list, tuple)):
+            arguments += [f"--{name}", *map(str, value)]
+        else:
+            arguments += [f"--{name}", str(value)]
+    return arguments
+
+
+def _is_on(value) -> bool:
+    """A value-taking boolean flag of the config (`1`, `true`, "True", ...)."""
+    try:
+        return str2bool(value) if value is not None else False
+    except argparse.ArgumentTypeError as error:
+        raise UserError(str(error)) from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# jobs
+
+
+@dataclass
+class Job:
+    """One script call of the grid.
+
+    Args:
+        name: unique, human-readable (`train_classifier diagen custom_coco seed 0 2epc`).
+        script: the top-level script it runs.
+        arguments: its command-line arguments.
+        outputs: files a successful run must leave.
+        log: where its stdout and stderr go (appended).
+        needs: names of the jobs that must succeed first.
+        skip_when: the job is done (skipped) when all of these exist; default `outputs`.
+        complete: a stricter test of a finished job than its files existing (e.g. a prompt CSV that a killed run
+            left with only some classes).
+    """
+
+    name: str
+    script: str
+    arguments: list[str]
+    outputs: list[Path]
+    log: Path
+    needs: list[str] = field(default_factory=list)
+    skip_when: list[Path] | None = None
+    complete: Callable[[], bool] | None = None
+
+    def done(self) -> bool:
+        paths = self.outputs if self.skip_when is None else self.skip_when
+        return bool(paths) and all(path.exists() for path in paths) and (self.complete is None or self.complete())
+
+    def produced(self) -> bool:
+        return all(path.exists() for path in self.outputs)
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(REPO_ROOT / self.script), *self.arguments]
+
+    def display(self) -> str:
+        """The command as a user would type it in the current folder."""
+        script = REPO_ROOT / self.script
+        try:
+            script = script.relative_to(Path.cwd())
+        except ValueError:
+            pass
+        return shlex.join(["python", str(script), *self.arguments])
+
+
+@dataclass
+class MethodNeeds:
+    """The prerequisites of one method's runs."""
+
+    tokens: bool = False
+    noisy_tokens: bool = False
+    prompts: bool = False
+    filter: bool = False
+
+
+def method_needs(flags: dict) -> MethodNeeds:
+    """Which pipeline steps a method needs before it can run.
+
+    Args:
+        flags: its `train_classifier.py` flags (common ones merged with the method's).
+
+    Returns:
+        The prerequisites: none for `num-synthetic: 0`; tokens (plain, or noisy with `use-embedding-noise`) for
+        `textual-inversion` without an explicit `embed-path`; prompts for `use-generated-prompts`; the filter
+        for `synthetic_filter: use` (`train` trains it inside the run).
+    """
+    if int(flags.get("num-synthetic", DEFAULT_NUM_SYNTHETIC)) == 0:
+        return MethodNeeds()  # the baseline: real images only
+    augmentations = flags.get("aug", DEFAULT_AUG)
+    augmentations = [augmentations] if isinstance(augmentations, str) else list(augmentations)
+    textual_inversion = DEFAULT_AUG in augmentations and "embed-path" not in flags
+    noise = _is_on(flags.get("use-embedding-noise"))
+    return MethodNeeds(tokens=textual_inversion and not noise, noisy_tokens=textual_inversion and noise,
+                       prompts=_is_on(flags.get("use-generated-prompts")),
+                       filter=str(flags.get("synthetic_filter")) == "use")
+
+
+def _prompts_cover_classes(path: Path, dataset: str) -> bool:
+    """Whether the prompt CSV has prompts for every class of `dataset` (classes known without loading it)."""
+    from semantic_aug.datasets import get_dataset_class
+    from semantic_aug.prompts import read_prompt_csv
+
+    try:
+        read_prompt_csv(path, list(get_dataset_class(dataset).class_names) or None)
+    except UserError:
+        return False
+    return True
+
+
+def _tokens_file(dataset: str, seed: int, examples_per_class: int, noise: bool) -> Path:
+    from semantic_aug.embeddings import tokens_path
+
+    return Path(tokens_path(dataset, seed, examples_per_class, noise=noise, root=TOKENS_ROOT))
+
+
+def plan_jobs(config: dict, methods: list[str] | None = None) -> list[Job]:
+    """Every job of the grid, prerequisites before the runs that need them.
+
+    Args:
+        config: from `load_config` (its seeds / examples_per_class already narrowed if the user asked).
+        methods: run only these methods (default: all of the config).
+
+    Returns:
+        The jobs in a valid order (a job's `needs` come before it).
+    """
+    from semantic_aug.filtering import filter_path
+    from semantic_aug.training import results_csv_path, test_csv_path
+
+    dataset, data_dir, results_dir = config["dataset"], config["data_dir"], Path(config["results_dir"])
+    pipeline_logs = results_dir / "pipeline_logs"
+    data_flags = ["--data-dir", str(data_dir)] if data_dir else []
+    methods = methods or list(config["methods"])
+    unknown = [m for m in methods if m not in config["methods"]]
+    if unknown:
+        raise UserError(f"unknown method(s) {', '.join(unknown)}; the config has: {', '.join(config['methods'])}")
+    flags_of = {m: {**config["train_classifier"], **config["methods"][m]} for m in methods}
+    needs_of = {m: method_needs(flags) for m, flags in flags_of.items()}
+    jobs: list[Job] = []
+
+    # 1. LLM prompts, once per dataset
+    prompt_path, prompt_job = None, None
+    if any(needs.prompts for needs in needs_of.values()):
+        if not config["prompts"].get("path"):
+            raise UserError("a method uses LLM prompts (use-generated-prompts), so the config needs prompts.path")
+        prompt_path = Path(config["prompts"]["path"])
+        generate = config["prompts"].get("generate")
+        if generate:
+            prompt_job = Job(f"generate_prompts {dataset}", "generate_prompts.py",
+                             ["--dataset", dataset, "--outdir", str(prompt_path.parent), "--out-filename",
+                              prompt_path.name, *(data_flags if dataset == "coco" else []), *flag_arguments(generate)],
+                             [prompt_path], pipeline_logs / f"generate_prompts_{dataset}.log",
+                             complete=lambda: _prompts_cover_classes(prompt_path, dataset))
+            jobs.append(prompt_job)
+        elif not prompt_path.is_file():
+            raise UserError(f"prompt file {prompt_path} not found; create it with generate_prompts.py or add "
+                            f"prompts.generate (generate_prompts.py flags) to the config")
+
+    fine_tune_output = Path(config["fine_tune"].get("output_dir", FINE_TUNE_OUTPUT))
+    for seed in config["seeds"]:
+        for epc in config["examples_per_class"]:
+            run_id = f"{dataset} seed {seed} {epc}epc"
+            log_suffix = f"{dataset}_{seed}_{epc}.log"
+            selection = ["--seeds", str(seed), "--examples-per-class", str(epc)]
+            prerequisites: dict[str, str] = {}  # what -> job name
+
+            # 2. textual-inversion tokens (with --augment-embeddings, aggregation writes the plain and the noisy
+            #    file), and the filter
+            variants = [noise for noise, wanted in ((False, any(n.tokens for n in needs_of.values())),
+                                                    (True, any(n.noisy_tokens for n in needs_of.values()))) if wanted]
+            if variants:
+                token_files = [_tokens_file(dataset, seed, epc, noise) for noise in variants]
+                fine_tune = Job(f"fine_tune {run_id}", "fine_tune.py",
+                                ["--pretrained_model_name_or_path", str(config["model_path"]), "--dataset", dataset,
+                                 *selection, *data_flags, *flag_arguments(config["fine_tune"])],
+                                [], pipeline_logs / f"fine_tune_{log_suffix}", skip_when=token_files)
+                aggregate = Job(f"aggregate_embeddings {run_id}", "aggregate_embeddings.py",
+                                ["--dataset", dataset, *selection, *data_flags,
+                                 "--input-path", str(fine_tune_output / "fine-tuned"),
+                                 "--augment-embeddings", str(True in variants),
+                                 *flag_arguments(config["aggregate_embeddings"])],
+                                token_files, pipeline_logs / f"aggregate_embeddings_{log_suffix}", needs=[fine_tune.name])
+                jobs += [fine_tune, aggregate]
+                prerequisites["tokens"] = prerequisites["noisy_tokens"] = aggregate.name
+            if any(n.filter for n in needs_of.values()):
+                name = f"train_filter {run_id}"
+                jobs.append(Job(name, "train_filter.py",
+                                ["--dataset", dataset, *selection, *data_flags, "--models-root",
+                                 str(config["models_root"]), *flag_arguments(config["filter"])],
+                                [filter_path(config["models_root"], dataset, seed, epc)],
+                                pipeline_logs / f"train_filter_{log_suffix}"))
+                prerequisites["filter"] = name
+            if prompt_job:
+                prerequisites["prompts"] = prompt_job.name
+
+            # 3. one classifier run per method
+            for method in methods:
+                needs = needs_of[method]
+                method_dir = results_dir / f"{dataset}_{epc}epc" / method
+                logdir = method_dir / "logs"
+                outputs = [results_csv_path(logdir, dataset, seed, epc)]
+                outputs += [test_csv_path(logdir, split, dataset, seed, epc) for split in config["eval_splits"]]
+                arguments = ["--dataset", dataset, *selection, "--method", method, "--logdir", str(logdir),
+                             "--synthetic-dir", str(method_dir / f"synthetics_seed_{seed}"),
+                             "--model-path", str(config["model_path"]), *data_flags]
+                if config["eval_splits"]:
+                    arguments += ["--eval_on_test_set", *config["eval_splits"]]
+                if needs.prompts:
+                    arguments += ["--prompt-path", str(prompt_path)]
+                if needs.filter:
+                    arguments += ["--models-root", str(config["models_root"])]
+                jobs.append(Job(f"train_classifier {method} {run_id}", "train_classifier.py",
+                                arguments + flag_arguments(flags_of[method]), outputs,
+                                logdir / f"train_classifier_{log_suffix}",
+                                needs=[prerequisites[what] for what in ("tokens", "noisy_tokens", "prompts", "filter")
+                                       if getattr(needs, what) and what in prerequisites]))
+    return jobs
+
+
+def check_dataset(config: dict) -> None:
+    """Fail before any GPU time is spent if the dataset folder or an evaluation split is missing.
+
+    Args:
+        config: from `load_config` (dataset, data_dir, eval_splits).
+
+    Raises:
+        UserError: naming what is missing and what to set.
+    """
+    from semantic_aug.datasets import get_dataset_class
+
+    dataset_class = get_dataset_class(config["dataset"])
+    data_env = getattr(dataset_class, "data_dir_env", None)
+    if config["data_dir"] is not None and not Path(config["data_dir"]).expanduser().is_dir():
+        raise UserError(f"data_dir {config['data_dir']} does not exist")
+    if config["data_dir"] is None and getattr(dataset_class, "default_data_dir", None) is None \
+            and not (data_env and os.environ.get(data_env)):
+        hint = f", or set ${data_env}" if data_env else ""
+        raise UserError(f"{config['dataset']} needs its data folder: set data_dir in the config (or pass --data-dir{hint})")
+    for split in config["eval_splits"]:
+        if split not in TEST_SPLITS:
+            raise UserError(f"eval_splits takes {' and '.join(TEST_SPLITS)}, got {split!r} (the best validation "
+                            f"accuracy is in every run's training history; report.py shows it as `val`)")
+        if split not in dataset_class.splits:
+            raise UserError(f"{config['dataset']} has no split {split!r} (eval_splits); it has: "
+                            f"{', '.join(s for s in dataset_class.splits if s != 'train')}")
+        folders = getattr(dataset_class, "split_folders", None)
+        if folders:  # folder datasets: the split is a folder that a downscaled copy may lack
+            folder = dataset_class.resolve_data_dir(config["data_dir"]) / folders[split]
+            if not folder.is_dir():
+                raise UserError(f"eval split {split!r} needs {folder}, which does not exist; set data_dir to a copy of "
+                                f"{config['dataset']} that has it, or leave {split} out of eval_splits")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# running
+
+
+def visible_gpus(requested: str | None = None) -> list[str]:
+    """The GPU ids to hand out, one job each, through CUDA_VISIBLE_DEVICES.
+
+    Args:
+        requested: comma-separated ids ("0,1"; "none" or "" for the CPU); None: every GPU torch sees (within an existing
+            CUDA_VISIBLE_DEVICES).
+
+    Returns:
+        The ids as strings; empty on a machine without GPUs.
+    """
+    if requested is not None:
+        return [gpu.strip() for gpu in requested.split(",") if gpu.strip() and gpu.strip().lower() not in ("none", "cpu")]
+    import torch
+
+    count = torch.cuda.device_count()
+    visible = [gpu.strip() for gpu in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if gpu.strip()]
+    return visible[:count] if visible else [str(index) for index in range(count)]
+
+
+class Scheduler:
+    """Runs jobs on workers (one per GPU, or one CPU worker), each job after the jobs it needs.
+
+    A failed job blocks the jobs that need it; the others go on. Statuses: done, skipped, failed, blocked.
+    """
+
+    def __init__(self, jobs: list[Job], devices: list[str | None]):
+        self.jobs = {job.name: job for job in jobs}
+        self.order = [job.name for job in jobs]
+        self.devices = devices or [None]
+        self.status: dict[str, str] = {}
+        self.running: dict[str, subprocess.Popen] = {}
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.progress = None  # the tqdm bar while `run` runs
+
+    def next_job(self) -> tuple[Job | None, bool]:
+        """The first job not yet started whose prerequisites all succeeded, and whether any job is left to start.
+
+        Jobs whose prerequisites failed are marked blocked on the way. (None, True): wait for running jobs.
+        """
+        with self.lock:
+            pending = [name for name in self.order if name not in self.status]
+            for name in pending:
+                needs = [self.status.get(need) for need in self.jobs[name].needs]
+                if any(state in ("failed", "blocked") for state in needs):
+                    self.status[name] = "blocked"
+                    logger.warning("blocked: %s (a job it needs failed)", name)
+                    self.advance()
+                elif all(state in ("done", "skipped") for state in needs):
+                    self.status[name] = "running"
+                    return self.jobs[name], True
+            return None, any(name not in self.status for name in self.order)
+
+    def advance(self) -> None:
+        """Count one more job as finished on the progress bar."""
+        if self.progress is not None:
+            self.progress.update()
+
+    def run_job(self, job: Job, device: str | None) -> str:
+        """Run one job (unless done) with its output appended to its log; returns done, skipped or failed."""
+        if job.done():
+            return "skipped"
+        env = dict(os.environ, PYTHONUNBUFFERED="1",
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+        if device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = device
+        job.log.parent.mkdir(parents=True, exist_ok=True)
+        where = f"GPU {device}" if device is not None else "CPU"
+        logger.info("start: %s on %s (log: %s)", job.name, where, job.log)
+        started = time.monotonic()
+        with open(job.log, "a") as log:
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} on {where}: {job.display()}\n")
+            log.flush()
+            try:
+                process = subprocess.Popen(job.command(), stdout=log, stderr=subprocess.STDOUT, env=env)
+            except OSError as error:
+                log.write(f"could not start: {error}\n")
+                return "failed"
+            with self.lock:
+                self.running[job.name] = process
+            returncode = process.wait()
+            with self.lock:
+                self.running.pop(job.name, None)
+            log.write(f"=== exit code {returncode} after {time.monotonic() - started:.0f} s\n")
+        if returncode != 0 or not job.produced():
+            logger.error("failed: %s (exit code %s%s; log: %s)", job.name, returncode,
+                         "" if returncode else ", outputs missing", job.log)
+            return "failed"
+        logger.info("done: %s in %.0f s", job.name, time.monotonic() - started)
+        return "done"
+
+    def worker(self, device: str | None) -> None:
+        """Take jobs and run them on `device` until none is left (or Ctrl-C)."""
+        while not self.stopping.is_set():
+            job, jobs_left = self.next_job()
+            if job is None:
+                if not jobs_left:
+                    return
+                time.sleep(POLL_SECONDS)
+                continue
+            try:
+                state = self.run_job(job, device)
+            except Exception:  # a bug in one job must not hang the other workers
+                logger.exception("failed: %s", job.name)
+                state = "failed"
+            with self.lock:
+                self.status[job.name] = state
+                self.advance()
+
+    def run(self) -> dict[str, str]:
+        """Run everything; returns job name -> status. Ctrl-C stops the running jobs and re-raises."""
+        from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with tqdm(total=len(self.jobs), desc="experiment jobs", unit="job") as progress, logging_redirect_tqdm():
+            self.progress = progress
+            threads = [threading.Thread(target=self.worker, args=(device,), daemon=True) for device in self.devices]
+            for thread in threads:
+                thread.start()
+            try:
+                while any(thread.is_alive() for thread in threads):
+                    for thread in threads:
+                        thread.join(timeout=POLL_SECONDS)
+            except KeyboardInterrupt:
+                self.stopping.set()
+                with self.lock:
+                    for process in self.running.values():
+                        process.terminate()
+                raise
+            finally:
+                self.progress = None
+        return dict(self.status)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="experiment YAML, e.g. experiments/custom_coco.yaml")
+    parser.add_argument("--dry-run", action=argparse.BooleanOptionalAction, default=False,
+                        help="print the commands (marking those whose results exist) and run nothing")
+    parser.add_argument("--methods", nargs="+", default=None, help="run only these methods of the config")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the config's seeds")
+    parser.add_argument("--examples-per-class", type=int, nargs="+", default=None,
+                        help="override the config's examples_per_class")
+    parser.add_argument("--data-dir", default=None, help="override the config's data_dir (the dataset folder)")
+    parser.add_argument("--results-dir", default=None, help="override the config's results_dir")
+    parser.add_argument("--eval-splits", nargs="*", default=None, choices=TEST_SPLITS,
+                        help="override the config's eval_splits (splits the best classifier is tested on)")
+    parser.add_argument("--gpus", default=None,
+                        help="comma-separated GPU ids to spread the jobs over, one job per GPU (default: every GPU "
+                             "torch sees); `none` runs one job at a time on the CPU")
+    parser.add_argument("--report", action=argparse.BooleanOptionalAction, default=None,
+                        help="build the results table and plots when the grid is done (default: the config's "
+                             "`report`, on unless set false)")
+    return parser.parse_args()
+
+
+def main(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+    config = load_config(args.config)
+    for key, override in (("seeds", args.seeds), ("examples_per_class", args.examples_per_class),
+                          ("data_dir", args.data_dir), ("results_dir", args.results_dir),
+                          ("eval_splits", args.eval_splits), ("report", args.report)):
+        if override is not None:
+            config[key] = override
+    check_dataset(config)
+    jobs = plan_jobs(config, args.methods)
+    gpus = visible_gpus(args.gpus)
+    where = f"GPUs {', '.join(gpus)} (one job per GPU)" if gpus else "the CPU (one job at a time)"
+
+    if args.dry_run:
+        done = [job.done() for job in jobs]
+        for job, finished in zip(jobs, done):
+            print(f"{'[skip]' if finished else '[run] '} {job.display()}")
+        print(f"# {len(jobs)} jobs: {len(jobs) - sum(done)} to run, {sum(done)} already done (skipped); "
+              f"would run on {where}")
+        return
+
+    logger.info("%d jobs (%d already done) from %s, on %s", len(jobs), sum(job.done() for job in jobs), args.config, where)
+    status = Scheduler(jobs, gpus or [None]).run()
+    failed = [name for name in status if status[name] == "failed"]
+    blocked = [name for name in status if status[name] == "blocked"]
+    logger.info("finished: %d run, %d skipped, %d failed, %d blocked", list(status.values()).count("done"),
+                list(status.values()).count("skipped"), len(failed), len(blocked))
+
+    if config["report"]:
+        from semantic_aug.reporting import build_report
+
+        try:
+            print(build_report(config["results_dir"], data_dir=config["data_dir"]).describe())
+        except UserError as error:
+            if not (failed or blocked):
+                raise
+            logger.warning("no report: %s", error)
+    if failed or blocked:
+        logs = ", ".join(str(next(job.log for job in jobs if job.name == name)) for name in failed)
+        raise UserError(f"{len(failed)} job(s) failed and {len(blocked)} could not run; see {logs}; rerun the same "
+                        f"command to retry them (finished jobs are skipped)")
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)
