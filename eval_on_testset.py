@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 from semantic_aug.datasets import create_dataset, list_datasets
-from semantic_aug.few_shot_dataset import DEFAULT_IMAGE_SIZE, EVAL_SPLITS
+from semantic_aug.few_shot_dataset import DEFAULT_IMAGE_SIZE, EVAL_SPLITS, add_bad_images_argument
 from semantic_aug.training import DEFAULT_EVAL_BATCH_SIZE, evaluate, load_classifier
 from semantic_aug.utils import UserError, atomic_write_csv, pick_device, run_cli
 
@@ -37,6 +37,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data-dir", default=None,
                         help="dataset folder (default: the dataset's own default or environment variable); needed "
                              "for test_uncommon_context, which the shipped Custom COCO copy lacks")
+    add_bad_images_argument(parser)
     parser.add_argument("--image-size", type=int, default=None,
                         help=f"input side in pixels (default: the size the classifier was trained at, else "
                              f"{DEFAULT_IMAGE_SIZE})")
@@ -95,7 +96,7 @@ def main(args: argparse.Namespace) -> None:
 
     # 2. the split: every image of it (val depends on the seed, as during training)
     dataset = create_dataset(args.dataset, split=args.split, seed=args.seed, image_size=image_size,
-                             data_dir=args.data_dir)
+                             data_dir=args.data_dir, bad_images=args.bad_images)
     check_classes(model, dataset, args.model)
     logger.info("evaluating %s on %d images of %s/%s at %d px on %s", model_file, len(dataset), args.dataset,
                 args.split, image_size, device)

@@ -28,6 +28,7 @@ import torch
 
 from semantic_aug.datasets import create_dataset, list_datasets
 from semantic_aug.embeddings import class_folder_name
+from semantic_aug.few_shot_dataset import add_bad_images_argument
 from semantic_aug.stable_diffusion import default_resolution, load_sd_components, load_tokenizer
 from semantic_aug.textual_inversion_training import (TEMPLATES, ClassSpec, TextualInversionConfig,
                                                      TextualInversionTrainer)
@@ -58,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--dataset", default="coco", choices=list_datasets(), help="Dataset whose classes get tokens.")
     data.add_argument("--data-dir", default=None,
                       help="The dataset's folder (default: the dataset's environment variable or shipped copy).")
+    add_bad_images_argument(data)
     data.add_argument("--classes", nargs="+", default=None,
                       help="Learn tokens only for these classes (default: every class of the dataset).")
     data.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
@@ -198,6 +200,9 @@ def build_accelerator(args: argparse.Namespace):
             cpu = device.type == "cpu"
             if device.type == "cuda" and device.index is not None:
                 torch.cuda.set_device(device)  # accelerate places one-process runs on the current CUDA device
+    if args.mixed_precision == "fp16" and (cpu or not torch.cuda.is_available()):
+        raise UserError("--mixed_precision fp16 needs a CUDA GPU (the CPU has no fp16 training path); "
+                        "use --mixed_precision bf16 or no")
     project = ProjectConfiguration(project_dir=args.output_dir,
                                    logging_dir=os.path.join(args.output_dir, args.logging_dir))
     try:
@@ -323,7 +328,7 @@ def main(args: argparse.Namespace) -> None:
             # 1. the few-shot training images of this (seed, epc), and the classes still to learn
             run_dir = Path(args.output_dir) / "fine-tuned" / f"{args.dataset}-{seed}-{examples_per_class}"
             dataset = create_dataset(args.dataset, split="train", examples_per_class=examples_per_class, seed=seed,
-                                     data_dir=args.data_dir)
+                                     data_dir=args.data_dir, bad_images=args.bad_images)
             specs = class_specs(dataset, run_dir, args.classes)
             accelerator.wait_for_everyone()  # every process must see the same finished classes
             todo = [spec for spec in specs if not spec.finished]

@@ -34,11 +34,11 @@ import torch
 from semantic_aug.augmentations import COMPOSE_MODES, list_augmentations
 from semantic_aug.classifiers import FewShotClassifier, list_backbones
 from semantic_aug.datasets import create_dataset, get_dataset_class, list_datasets
-from semantic_aug.few_shot_dataset import FolderFewShotDataset
+from semantic_aug.few_shot_dataset import FolderFewShotDataset, add_bad_images_argument
 from semantic_aug.filtering import DEFAULT_FILTER_MODE, FILTER_CONFIDENCE_THRESHOLD, FILTER_MODE_HELP, FILTER_MODES
 from semantic_aug.training import (classifier_filename, default_num_workers, evaluate, fit, load_classifier,
                                    results_csv_path, save_classifier, test_csv_path)
-from semantic_aug.utils import UserError, atomic_write_csv, pick_device, run_cli, set_seed, str2bool
+from semantic_aug.utils import UserError, atomic_write_csv, pick_device, restart_marker, run_cli, set_seed, str2bool
 
 logger = logging.getLogger("train_classifier")
 
@@ -58,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset", default="custom_coco", choices=list_datasets(), help="dataset to train on")
     parser.add_argument("--data-dir", default=None,
                         help="the dataset's folder (default: its shipped copy or environment variable)")
+    add_bad_images_argument(parser)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="seeds; each selects the few-shot images and seeds generation and training")
     parser.add_argument("--examples-per-class", type=int, nargs="+", default=[2, 4, 8],
@@ -253,8 +254,10 @@ def load_split(args: argparse.Namespace, run: Run, split: str):
     if split == "train":
         return create_dataset(args.dataset, split=split, examples_per_class=run.examples_per_class, seed=run.seed,
                               data_dir=args.data_dir, image_size=args.image_size,
-                              synthetic_probability=args.synthetic_probability, use_randaugment=args.use_randaugment)
-    return create_dataset(args.dataset, split=split, seed=run.seed, data_dir=args.data_dir, image_size=args.image_size)
+                              synthetic_probability=args.synthetic_probability, use_randaugment=args.use_randaugment,
+                              bad_images=args.bad_images)
+    return create_dataset(args.dataset, split=split, seed=run.seed, data_dir=args.data_dir, image_size=args.image_size,
+                          bad_images=args.bad_images)
 
 
 def generate_synthetic(args: argparse.Namespace, run: Run, train_dataset, device: torch.device, accelerator):
@@ -295,7 +298,7 @@ def attach_synthetic_images(args: argparse.Namespace, run: Run, train_dataset, m
         train_filter(args.dataset, run.seed, run.examples_per_class, data_dir=args.data_dir,
                      backbone=args.classifier_backbone, models_root=run.models_root, logdir=run.logdir,
                      iterations_per_epoch=args.iterations_per_epoch, max_epochs=args.num_epochs,
-                     batch_size=args.batch_size, image_size=args.image_size, device=device)
+                     batch_size=args.batch_size, image_size=args.image_size, bad_images=args.bad_images, device=device)
     filter_model = load_filter(filter_path(run.models_root, args.dataset, run.seed, run.examples_per_class), device)
     manifest = add_filter_weights(manifest, filter_model, train_dataset, seed=run.seed, device=device,
                                   manifest_path=run.synthetic_dir / "manifest.csv")
@@ -368,19 +371,24 @@ def main(args: argparse.Namespace) -> None:
 
     # 2. per run: filter weights, classifier training, test-split evaluation
     for run, must_train, missing_splits in runs:
-        if must_train:
-            set_seed(run.seed)
-            train_dataset, val_dataset = load_split(args, run, "train"), load_split(args, run, "val")
-            loss_weights = None
-            if args.num_synthetic > 0:
-                loss_weights = attach_synthetic_images(args, run, train_dataset,
-                                                       manifests[run.seed, run.examples_per_class], device)
-            model = train(args, run, train_dataset, val_dataset, loss_weights, device)
-            missing_splits = args.eval_on_test_set
-        else:
-            logger.info("%s: already trained; evaluating the saved model on %s", run.name, ", ".join(missing_splits))
-            model = load_classifier(run.model_path, device)
-        evaluate_splits(args, run, model, missing_splits, device)
+        outputs = [results_csv_path(run.logdir, args.dataset, run.seed, run.examples_per_class),
+                   *(test_csv_path(run.logdir, split, args.dataset, run.seed, run.examples_per_class)
+                     for split in args.eval_on_test_set)]
+        with restart_marker(run.model_path, f"{run.name}: classifier training", outputs):
+            if must_train:
+                set_seed(run.seed)
+                train_dataset, val_dataset = load_split(args, run, "train"), load_split(args, run, "val")
+                loss_weights = None
+                if args.num_synthetic > 0:
+                    loss_weights = attach_synthetic_images(args, run, train_dataset,
+                                                           manifests[run.seed, run.examples_per_class], device)
+                model = train(args, run, train_dataset, val_dataset, loss_weights, device)
+                missing_splits = args.eval_on_test_set
+            else:
+                logger.info("%s: already trained; evaluating the saved model on %s", run.name,
+                            ", ".join(missing_splits))
+                model = load_classifier(run.model_path, device)
+            evaluate_splits(args, run, model, missing_splits, device)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import logging
 
 from semantic_aug.classifiers import OFFLINE_BACKBONE, list_backbones
 from semantic_aug.datasets import list_datasets
+from semantic_aug.few_shot_dataset import add_bad_images_argument
 from semantic_aug.filtering import TEMPERATURE_ITERATIONS, TEMPERATURE_LR, train_filter
 from semantic_aug.utils import run_cli
 
@@ -32,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset", default="custom_coco", choices=list_datasets(), help="dataset to train on")
     parser.add_argument("--data-dir", default=None,
                         help="the dataset's folder (default: its shipped copy or environment variable)")
+    add_bad_images_argument(parser)
     parser.add_argument("--seeds", "--seed", dest="seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="seeds of the few-shot selection and training; one filter per seed")
     parser.add_argument("--examples-per-class", type=int, nargs="+", default=[2, 4, 8],
@@ -84,7 +86,8 @@ def main(args: argparse.Namespace) -> None:
                 max_epochs=args.max_epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                 early_stopping_patience=args.early_stopping_patience or None, image_size=args.image_size,
                 use_randaugment=args.use_randaugment, temperature_lr=args.temperature_lr,
-                temperature_iterations=args.temperature_iterations, overwrite=args.overwrite, device=args.device)
+                temperature_iterations=args.temperature_iterations, overwrite=args.overwrite,
+                bad_images=args.bad_images, device=args.device)
             logger.info("filter ready: %s", path)
 
 

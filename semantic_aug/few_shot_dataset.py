@@ -30,6 +30,14 @@ EVAL_SPLITS = ("val", "test", "test_uncommon_context")
 DEFAULT_IMAGE_SIZE = 256
 RANDOM_CROP_SCALE = (0.7, 1.0)  # RandomResizedCrop area range used by DIAGen for Custom COCO and FOCUS
 RANDOM_ROTATION_DEGREES = 15
+BAD_IMAGE_POLICIES = ("error", "skip")
+
+
+def add_bad_images_argument(parser) -> None:
+    """The `--bad-images` flag every script that reads a dataset takes (see `FewShotDataset`'s `bad_images`)."""
+    parser.add_argument("--bad-images", default="error", choices=BAD_IMAGE_POLICIES,
+                        help="what to do with an empty or corrupt image file in the dataset: stop with an error "
+                             "naming it (default) or skip it with a warning")
 
 
 def build_transform(split: str, image_size: int = DEFAULT_IMAGE_SIZE, random_crop: bool = True,
@@ -66,6 +74,8 @@ class FewShotDataset(Dataset, abc.ABC):
         synthetic_probability: chance that `__getitem__` returns one of the synthetic siblings of a real image.
         use_randaugment: add RandAugment to the training transform.
         transform: overrides the default per-split transform.
+        bad_images: `error` stops at the first empty or corrupt image (naming it); `skip` leaves it out with a
+            warning (datasets that check their files up front, such as `FolderFewShotDataset`).
     """
 
     class_names: Sequence[str] = ()
@@ -74,13 +84,16 @@ class FewShotDataset(Dataset, abc.ABC):
 
     def __init__(self, split: str = TRAIN_SPLIT, examples_per_class: int | None = None, seed: int = 0,
                  image_size: int = DEFAULT_IMAGE_SIZE, synthetic_probability: float = 0.0,
-                 use_randaugment: bool = False, transform=None):
+                 use_randaugment: bool = False, transform=None, bad_images: str = "error"):
         if split not in self.splits:
             raise UserError(f"unknown split {split!r} for {type(self).__name__}; known splits: {', '.join(self.splits)}")
         if examples_per_class is not None and examples_per_class < 1:
             raise UserError(f"examples_per_class must be at least 1, got {examples_per_class}")
         if not 0.0 <= synthetic_probability <= 1.0:
             raise UserError(f"synthetic_probability must lie in [0, 1], got {synthetic_probability}")
+        if bad_images not in BAD_IMAGE_POLICIES:
+            raise UserError(f"bad_images must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {bad_images!r}")
+        self.bad_images = bad_images
         self.split = split
         self.examples_per_class = examples_per_class
         self.seed = seed
@@ -177,7 +190,6 @@ class FolderFewShotDataset(FewShotDataset):
 
     Args:
         data_dir: folder holding the split folders; falls back to `$data_dir_env`, then `default_data_dir`.
-        bad_images: `error` stops at the first empty or corrupt image (naming it); `skip` leaves it out with a warning.
         (the rest as `FewShotDataset`)
     """
 
@@ -189,15 +201,12 @@ class FolderFewShotDataset(FewShotDataset):
     default_data_dir: str | os.PathLike | None = None
 
     def __init__(self, split: str = TRAIN_SPLIT, examples_per_class: int | None = None, seed: int = 0,
-                 data_dir: str | os.PathLike | None = None, bad_images: str = "error", **kwargs):
+                 data_dir: str | os.PathLike | None = None, **kwargs):
         super().__init__(split=split, examples_per_class=examples_per_class, seed=seed, **kwargs)
-        if bad_images not in ("error", "skip"):
-            raise UserError(f"bad_images must be 'error' or 'skip', got {bad_images!r}")
         if split == TRAIN_SPLIT and examples_per_class is not None and examples_per_class > self.train_pool_size:
             raise UserError(f"examples_per_class={examples_per_class} is larger than the training pool of "
                             f"{self.train_pool_size} images per class of {type(self).__name__}")
         self.data_dir = self.resolve_data_dir(data_dir)
-        self.bad_images = bad_images
         self.image_paths, self.image_labels = self.select_images(split, seed, examples_per_class)
         self.check_images()
 

@@ -276,7 +276,8 @@ def train_filter(dataset_name: str, seed: int, examples_per_class: int, *, data_
                  batch_size: int = 16, lr: float = 1e-4, weight_decay: float = 1e-2,
                  early_stopping_patience: int | None = 6, image_size: int = 256, use_randaugment: bool = True,
                  temperature_lr: float = TEMPERATURE_LR, temperature_iterations: int = TEMPERATURE_ITERATIONS,
-                 overwrite: bool = False, device: str | torch.device | None = None, progress: bool = True) -> Path:
+                 overwrite: bool = False, bad_images: str = "error", device: str | torch.device | None = None,
+                 progress: bool = True) -> Path:
     """Train, calibrate and save the filter of one (dataset, seed, examples_per_class) run (SPEC train_filter.py).
 
     Steps: the real few-shot training split only (RandAugment on), a frozen pretrained backbone plus a linear
@@ -304,6 +305,7 @@ def train_filter(dataset_name: str, seed: int, examples_per_class: int, *, data_
         temperature_lr: LBFGS learning rate of temperature scaling.
         temperature_iterations: LBFGS iterations of temperature scaling.
         overwrite: retrain even if the filter file exists (otherwise an existing filter is kept: resume).
+        bad_images: `error` or `skip` for empty/corrupt image files (see `FewShotDataset`).
         device: `cpu`, `cuda`, `cuda:1`, a GPU index, or None for CUDA when present.
         progress: show progress bars.
 
@@ -312,49 +314,56 @@ def train_filter(dataset_name: str, seed: int, examples_per_class: int, *, data_
     """
     from semantic_aug.datasets import create_dataset
     from semantic_aug.training import fit
-    from semantic_aug.utils import set_seed
+    from semantic_aug.utils import restart_marker, set_seed
 
     path = filter_path(models_root, dataset_name, seed, examples_per_class)
     if path.is_file() and not overwrite:
         logger.info("filter %s exists; keeping it (pass overwrite / --overwrite to retrain)", path)
         return path
-    device = device if isinstance(device, torch.device) else pick_device(device)
-    set_seed(seed)
-
-    # 1. the real images: the few-shot training split (with RandAugment) and the whole validation split
-    train_dataset = create_dataset(dataset_name, split=TRAIN_SPLIT, examples_per_class=examples_per_class, seed=seed,
-                                   data_dir=data_dir, image_size=image_size, use_randaugment=use_randaugment)
-    val_dataset = create_dataset(dataset_name, split="val", seed=seed, data_dir=data_dir, image_size=image_size)
-    logger.info("filter %s seed %d epc %d: %d training / %d validation images, %s, up to %d epochs x %d batches of %d",
-                dataset_name, seed, examples_per_class, len(train_dataset), len(val_dataset), backbone, max_epochs,
-                iterations_per_epoch, batch_size)
-
-    # 2. a linear head on the frozen backbone, best epoch by mean per-class validation loss
-    classifier = FewShotClassifier(backbone, train_dataset.num_classes)
-    result = fit(classifier, train_dataset, val_dataset, num_epochs=max_epochs,
-                 iterations_per_epoch=iterations_per_epoch, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                 select_by="loss", early_stopping_patience=early_stopping_patience, device=device, seed=seed,
-                 use_randaugment=use_randaugment, progress=progress)  # returns with the best epoch's weights loaded
-
-    # 3. temperature scaling on the validation logits of the best epoch
-    logits, labels = predict_logits(classifier, val_dataset, device, batch_size=max(batch_size, 64), progress=progress)
-    log_temperature = fit_temperature(logits, labels, lr=temperature_lr, max_iter=temperature_iterations)
-    before = calibration_metrics(logits, labels)
-    after = calibration_metrics(logits, labels, math.exp(log_temperature))
-    calibration = {"dataset": dataset_name, "seed": seed, "examples_per_class": examples_per_class,
-                   "backbone": backbone, "best_epoch": result.best_epoch, "temperature": math.exp(log_temperature),
-                   "nll_before": before["nll"], "nll_after": after["nll"],
-                   "ece_before": before["ece"], "ece_after": after["ece"]}
-    logger.info("filter calibrated: T = %.3f, NLL %.4f -> %.4f, ECE %.4f -> %.4f", calibration["temperature"],
-                before["nll"], after["nll"], before["ece"], after["ece"])
-
-    # 4. logs and the filter, each written atomically
     run_name = f"{dataset_name}_{seed}_{examples_per_class}"
-    atomic_write_csv(result.history, Path(logdir) / f"train_filter_{run_name}.csv")
-    atomic_write_csv(pd.DataFrame([calibration]), Path(logdir) / f"calibration_filter_{run_name}.csv")
-    save_filter(FilterModel(classifier.cpu(), log_temperature, train_dataset.class_names, image_size), path,
-                metadata=calibration)
-    logger.info("saved filter to %s", path)
+    logs = [Path(logdir) / f"train_filter_{run_name}.csv", Path(logdir) / f"calibration_filter_{run_name}.csv"]
+    with restart_marker(path, f"filter {run_name}: training", logs):
+        device = device if isinstance(device, torch.device) else pick_device(device)
+        set_seed(seed)
+
+        # 1. the real images: the few-shot training split (with RandAugment) and the whole validation split
+        train_dataset = create_dataset(dataset_name, split=TRAIN_SPLIT, examples_per_class=examples_per_class,
+                                       seed=seed,
+                                       data_dir=data_dir, image_size=image_size, use_randaugment=use_randaugment,
+                                       bad_images=bad_images)
+        val_dataset = create_dataset(dataset_name, split="val", seed=seed, data_dir=data_dir, image_size=image_size,
+                                     bad_images=bad_images)
+        logger.info("filter %s seed %d epc %d: %d training / %d validation images, %s, up to %d epochs x %d batches "
+                    "of %d",
+                    dataset_name, seed, examples_per_class, len(train_dataset), len(val_dataset), backbone, max_epochs,
+                    iterations_per_epoch, batch_size)
+
+        # 2. a linear head on the frozen backbone, best epoch by mean per-class validation loss
+        classifier = FewShotClassifier(backbone, train_dataset.num_classes)
+        result = fit(classifier, train_dataset, val_dataset, num_epochs=max_epochs,
+                     iterations_per_epoch=iterations_per_epoch, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                     select_by="loss", early_stopping_patience=early_stopping_patience, device=device, seed=seed,
+                     use_randaugment=use_randaugment, progress=progress)  # returns with the best epoch's weights loaded
+
+        # 3. temperature scaling on the validation logits of the best epoch
+        logits, labels = predict_logits(classifier, val_dataset, device, batch_size=max(batch_size, 64),
+                                        progress=progress)
+        log_temperature = fit_temperature(logits, labels, lr=temperature_lr, max_iter=temperature_iterations)
+        before = calibration_metrics(logits, labels)
+        after = calibration_metrics(logits, labels, math.exp(log_temperature))
+        calibration = {"dataset": dataset_name, "seed": seed, "examples_per_class": examples_per_class,
+                       "backbone": backbone, "best_epoch": result.best_epoch, "temperature": math.exp(log_temperature),
+                       "nll_before": before["nll"], "nll_after": after["nll"],
+                       "ece_before": before["ece"], "ece_after": after["ece"]}
+        logger.info("filter calibrated: T = %.3f, NLL %.4f -> %.4f, ECE %.4f -> %.4f", calibration["temperature"],
+                    before["nll"], after["nll"], before["ece"], after["ece"])
+
+        # 4. logs and the filter, each written atomically
+        atomic_write_csv(result.history, logs[0])
+        atomic_write_csv(pd.DataFrame([calibration]), logs[1])
+        save_filter(FilterModel(classifier.cpu(), log_temperature, train_dataset.class_names, image_size), path,
+                    metadata=calibration)
+        logger.info("saved filter to %s", path)
     return path
 
 

@@ -69,6 +69,7 @@ TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
 CHECKPOINT_FORMAT = 1  # bump when the checkpoint dict changes
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)\.pt$")
 VAE_ENCODE_BATCH = 8  # images per VAE call when filling the latent cache (bounded memory at 512 px)
+MAX_NONFINITE_UPDATES = 5  # consecutive NaN/inf losses of a class before the run stops
 LOSS_SUMMARY_FRACTION = 0.1  # the per-class log compares the mean loss of the first and last 10% of steps
 # config fields that do not change the learned vectors, so a checkpoint stays valid when they change
 LAYOUT_FIELDS = frozenset({"checkpointing_steps", "checkpoints_total_limit", "save_steps", "micro_batch_size",
@@ -480,6 +481,7 @@ class TrainingGroup:
                                      config.cache_latents) for spec in classes]
         self.generators = [torch.Generator().manual_seed(stable_seed(seed, spec.name)) for spec in classes]
         self.losses: list[list[float]] = [[] for _ in classes]
+        self.nonfinite_updates = [0] * len(classes)  # consecutive updates skipped for a NaN/inf loss, per class
         self.settings = [dict(trainer.run_settings, **config.settings(), seed=seed, token=spec.token,
                               images=[str(i) for i in spec.image_ids]) for spec in classes]
         self._context = placeholder_embedding(trainer.text_encoder, self.token_ids,
@@ -623,6 +625,7 @@ class TrainingGroup:
             loss_sums.index_add_(0, rows.to(per_sample.device), per_sample.float())
         mask = torch.zeros(len(self.classes), dtype=torch.bool)
         mask[active] = True
+        self._skip_nonfinite(loss_sums, active, mask)
         if self.scaler is not None:
             self.scaler.step(self.optimizer, active=mask)
             self.scaler.update()
@@ -631,6 +634,24 @@ class TrainingGroup:
         self.optimizer.zero_grad(set_to_none=True)
         means = (loss_sums / divisor).tolist()
         return {row: means[row] for row in active}
+
+    def _skip_nonfinite(self, loss_sums: torch.Tensor, active: list[int], mask: torch.Tensor) -> None:
+        """Leave out of this update every class whose loss is NaN/inf (its token keeps its value); stop the run
+        once a class has had `MAX_NONFINITE_UPDATES` such updates in a row. Other classes are unaffected: each
+        token's gradient comes from its own samples only."""
+        finite = torch.isfinite(loss_sums).tolist()
+        for row in active:
+            if finite[row]:
+                self.nonfinite_updates[row] = 0
+                continue
+            mask[row] = False
+            self.nonfinite_updates[row] += 1
+            name = self.classes[row].name
+            logger.warning("class %s: non-finite loss at update %d; update skipped", name, self.steps[row] + 1)
+            if self.nonfinite_updates[row] >= MAX_NONFINITE_UPDATES:
+                raise UserError(f"class {name!r}: the loss was NaN/inf for {MAX_NONFINITE_UPDATES} updates in a row "
+                                f"(fp16 overflow or a broken model); use --mixed_precision bf16 or no, or a lower "
+                                f"--learning_rate")
 
     def train(self, on_step: Callable | None = None) -> None:
         """Run updates until every class has `max_train_steps`; checkpoint, save and log along the way."""

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import errno
 import io
+import logging
 import os
 import random
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -94,6 +96,17 @@ def pick_device(requested: str | None = None) -> torch.device:
 # atomic writes: write to a temporary file in the same folder, then os.replace (atomic on POSIX)
 
 
+def make_output_dir(folder: str | os.PathLike) -> None:
+    """Create an output folder (and its parents), or raise a one-line `UserError` when it cannot be created or written."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create output directory {folder}: {error.strerror}") from None
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"output directory {folder} is not writable")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` atomically, on failure it is removed.
@@ -101,12 +114,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     `suffix` defaults to the target's suffix so that writers that look at the extension (PIL, torch) still work.
     """
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"cannot create output directory {path.parent}: {error.strerror}") from None
-    if not os.access(path.parent, os.W_OK):
-        raise UserError(f"output directory {path.parent} is not writable")
+    make_output_dir(path.parent)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=(suffix if suffix is not None else path.suffix) + ".tmp",
                                     dir=path.parent)
     os.close(fd)
@@ -188,3 +196,42 @@ def load_image(path: str | os.PathLike):
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise UserError(f"corrupt image file: {path} ({error})") from None
+
+
+def remove_interrupted_writes(output: str | os.PathLike) -> int:
+    """Delete the temporaries that killed `atomic_path` writes of `output` left beside it (only this file's, so that
+    concurrent jobs writing into the same folder are never disturbed). Returns how many were removed."""
+    output = Path(output)
+    if not output.parent.is_dir():
+        return 0
+    removed = 0
+    for tmp in output.parent.glob(f".{glob.escape(output.name)}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+@contextlib.contextmanager
+def restart_marker(output: str | os.PathLike, what: str, outputs: Iterable[str | os.PathLike] = ()) -> Iterator[bool]:
+    """Bracket work that keeps no mid-run checkpoint (classifier and filter training) and produces `output`.
+
+    While the block runs, a hidden `.{output name}.running.tmp` marker sits beside `output`. If a marker is already
+    there, an earlier run was killed part-way: that is logged, since the work restarts from the beginning rather
+    than resuming. The unfinished temporaries of interrupted writes of `output` and `outputs` are removed first.
+    The marker goes once the block succeeds.
+
+    Yields:
+        True if an earlier run of this work was interrupted.
+    """
+    output = Path(output)
+    marker = output.parent / f".{output.name}.running.tmp"
+    interrupted = marker.exists()
+    if interrupted:
+        logging.getLogger(__name__).warning("%s was interrupted before and keeps no mid-run checkpoint: it restarts "
+                                            "from the start", what)
+    for path in (output, *outputs):
+        remove_interrupted_writes(path)
+    make_output_dir(marker.parent)
+    marker.touch()
+    yield interrupted
+    marker.unlink(missing_ok=True)
