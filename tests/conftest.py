@@ -11,6 +11,19 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DIAGEN_CACHE", str(REPO_ROOT / ".cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread, here and in every script the tests start: the models are tiny, and on a small shared CPU
+# OpenMP threads that spin-wait for each other make them 10-30x slower (one thread is as fast on an idle machine).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -19,13 +19,6 @@ STDS = (0.005, 0.01, 0.025)
 STEPS = 4  # scheduler steps; strength 0.5 runs 2 of them
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: the tiny model is too small to gain from more, and shared CPUs thrash with them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """eval_on_testset.py on a tiny saved classifier: the SPEC CSV with the right numbers, resume, one-line errors."""
 
-import importlib.util
 import sys
 
 import pandas as pd
@@ -11,29 +10,20 @@ from semantic_aug.classifiers import FewShotClassifier
 from semantic_aug.datasets.custom_coco import CUSTOM_COCO_CLASSES
 from semantic_aug.training import save_classifier
 from semantic_aug.utils import UserError
+from conftest import import_script
 
 PREDICTED = CUSTOM_COCO_CLASSES.index("book")
 IMAGE_SIZE = 32  # pixels: enough for the check, fast on a CPU
 
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # test runs share the CPU; one thread each avoids OpenMP oversubscription stalls
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def eval_script(repo_root):
     """eval_on_testset.py as a module, to call its parse_args/main in this process (saves the imports' seconds)."""
-    spec = importlib.util.spec_from_file_location("eval_on_testset", repo_root / "eval_on_testset.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_script("eval_on_testset")
 
 
 def run_main(module, monkeypatch, *args) -> None:
@@ -56,7 +46,7 @@ def always_book(tmp_path_factory):
 
 def test_writes_the_spec_csv_with_the_right_numbers(always_book, tmp_path, script_runner):
     result = script_runner("eval_on_testset.py", "--dataset", "custom_coco", "--split", "test", "--model", always_book,
-                           "--seed", 0, "--epc", 2, "--logdir", tmp_path / "logs", "--device", "cpu", env=ONE_THREAD,
+                           "--seed", 0, "--epc", 2, "--logdir", tmp_path / "logs", "--device", "cpu",
                            check=True)
     output = tmp_path / "logs" / "evaluation_on_custom_coco_test_0_2.csv"
     table = pd.read_csv(output)
@@ -72,7 +62,7 @@ def test_writes_the_spec_csv_with_the_right_numbers(always_book, tmp_path, scrip
     # a rerun keeps the CSV (it is newer than the model); --overwrite evaluates again
     before = output.stat().st_mtime_ns
     result = script_runner("eval_on_testset.py", "--model", always_book, "--epc", 2, "--logdir", tmp_path / "logs",
-                           "--device", "cpu", env=ONE_THREAD, check=True)
+                           "--device", "cpu", check=True)
     assert "kept" in result.stderr and output.stat().st_mtime_ns == before
 
 

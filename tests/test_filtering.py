@@ -16,15 +16,9 @@ from semantic_aug.filtering import (FILTER_CONFIDENCE_THRESHOLD, FilterModel, ad
                                     fit_temperature, load_filter, normalise_sibling_weights, save_filter,
                                     score_synthetic_images, scoring_transform)
 from semantic_aug.utils import UserError
+from conftest import import_script
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models on a shared CPU: one torch thread avoids OpenMP threads spinning against other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # -- calibration -----------------------------------------------------------------------------------------------
@@ -297,12 +291,7 @@ NOISE_GUIDANCE_SCALE = 7.5
 
 
 def load_train_filter_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_filter_script", Path(__file__).parents[1] / "train_filter.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_script("train_filter")
 
 
 def test_train_filter_cli_rejects_bad_flags(capsys):

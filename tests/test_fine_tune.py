@@ -21,17 +21,8 @@ from semantic_aug.utils import UserError
 
 RESOLUTION = 32  # smallest size the tiny UNet's two levels take (latents 16×16)
 CLASSES = ("car", "carrot")  # names that share a prefix: tokens must still be kept apart
-# One intra-op thread: on a busy 2-core machine, OpenMP threads that spin-wait for each other make these small
-# convolutions 10-30x slower; one thread is as fast when the machine is idle.
-ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +234,7 @@ def fine_tune_args(output_dir: Path, *extra: str) -> list[str]:
 def one_process_run(tmp_path_factory, script_runner):
     """fine_tune.py for two Custom COCO classes, one process: (output folder, completed process)."""
     output_dir = tmp_path_factory.mktemp("one_process")
-    result = script_runner("fine_tune.py", *fine_tune_args(output_dir), env=ONE_THREAD_ENV, check=True)
+    result = script_runner("fine_tune.py", *fine_tune_args(output_dir), check=True)
     return output_dir, result
 
 
@@ -257,7 +248,7 @@ def test_fine_tune_script_writes_the_reference_layout_and_skips_finished_classes
     assert "class car: loss" in result.stderr
 
     stamp = (run_dir / "car" / LEARNED_EMBEDS_NAME).stat().st_mtime_ns
-    rerun = script_runner("fine_tune.py", *fine_tune_args(output_dir), env=ONE_THREAD_ENV, check=True)
+    rerun = script_runner("fine_tune.py", *fine_tune_args(output_dir), check=True)
     assert "2 finished, 0 to learn" in rerun.stderr
     assert (run_dir / "car" / LEARNED_EMBEDS_NAME).stat().st_mtime_ns == stamp
 
@@ -276,7 +267,7 @@ def test_reference_no_op_flags_are_refused_with_a_reason(flag, value, capsys, sc
 def test_two_processes_learn_what_one_process_learns(one_process_run, tmp_path, repo_root):
     one = one_process_run[0]
     two = tmp_path / "two"
-    env = dict(os.environ, PYTHONPATH=str(repo_root), **ONE_THREAD_ENV)
+    env = dict(os.environ, PYTHONPATH=str(repo_root))
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               str(repo_root / "fine_tune.py"), *fine_tune_args(two)]

@@ -1,6 +1,5 @@
 """test_image_generation.py with the tiny SD: images from learned tokens, prompts in turn, seeded, resumable."""
 
-import importlib.util
 import sys
 
 import numpy as np
@@ -11,29 +10,20 @@ from PIL import Image
 
 from semantic_aug.embeddings import save_tokens
 from semantic_aug.utils import UserError
+from conftest import import_script
 
 TINY_WIDTH = 32  # the tiny SD's text encoder width
 PROMPTS = ["a photo of a <bench>", "a <bench_0.005> in the snow"]
 
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # test runs share the CPU; one thread each avoids OpenMP oversubscription stalls
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def generation_script(repo_root):
     """The script as a module, to call its parse_args/main in this process (saves the imports' seconds)."""
-    spec = importlib.util.spec_from_file_location("test_image_generation", repo_root / "test_image_generation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_script("test_image_generation")
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +53,7 @@ def pixels(path) -> np.ndarray:
 def test_cli_writes_seeded_images_with_prompts_in_turn(tokens_file, tmp_path, script_runner, tiny_model_path):
     out = tmp_path / "out"
     script_runner("test_image_generation.py", *common(tokens_file, out, "--num-generate", 3, "--batch-size", 3,
-                                                      "--prompt", *PROMPTS), env=ONE_THREAD, check=True)
+                                                      "--prompt", *PROMPTS), check=True)
     for idx in range(3):
         with Image.open(out / f"{idx}.png") as image:
             assert image.size == (64, 64)  # the tiny model's native resolution

@@ -37,13 +37,6 @@ class ToyDataset(FolderFewShotDataset):
     train_pool_size = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: the tiny model is too small to gain from more, and shared CPUs thrash with them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
