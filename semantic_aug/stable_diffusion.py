@@ -25,6 +25,9 @@ TINY_MODEL_VERSION = "2"  # bump when the tiny configs change, so caches rebuild
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "sd1_tokenizer"
 CLIP_MAX_LENGTH = 77  # SD1.x text context; transformers 5 needs it explicit or padding overflows
 VAE_SCALING_FACTOR = 0.18215  # SD v1 latent scale
+# SD v1.4's noise schedule; PNDM (without its Runge-Kutta warm-up) is its inference scheduler
+SD_V1_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                       skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
 
 
 def cache_root() -> Path:
@@ -45,7 +48,7 @@ def build_tiny_stable_diffusion(output_dir: str | os.PathLike) -> Path:
     Latents are 4×32×32 for 64×64 images (two VAE blocks give a downsampling factor of 2); the text encoder
     is 32 wide with the full 49408-token CLIP vocabulary, so learned embeddings are 32-dimensional.
     """
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = load_tokenizer()
@@ -67,14 +70,24 @@ def build_tiny_stable_diffusion(output_dir: str | os.PathLike) -> Path:
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=32))
     finally:
         torch.random.set_rng_state(generator_state)
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                              skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+    return save_stable_diffusion(output_dir, tokenizer, text_encoder, vae, unet)
+
+
+def save_stable_diffusion(output_dir: str | os.PathLike, tokenizer, text_encoder, vae, unet) -> Path:
+    """Save SD v1.x parts with SD v1.4's PNDM inference scheduler as a diffusers folder, atomically (a folder that
+    another process finished first is kept).
+
+    Returns:
+        `output_dir`.
+    """
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+                                   scheduler=PNDMScheduler(**SD_V1_SCHEDULER), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-sd-", dir=output_dir.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
     try:
         pipe.save_pretrained(staging, safe_serialization=True)
         for name in ("vocab.json", "merges.txt", "special_tokens_map.json"):  # the slow-tokenizer files SD v1.4 ships
