@@ -32,7 +32,7 @@ from semantic_aug.few_shot_dataset import add_bad_images_argument
 from semantic_aug.stable_diffusion import default_resolution, load_sd_components, load_tokenizer
 from semantic_aug.textual_inversion_training import (TEMPLATES, ClassSpec, TextualInversionConfig,
                                                      TextualInversionTrainer)
-from semantic_aug.utils import UserError, pick_device, remove_stale_temporaries, run_cli, str2bool
+from semantic_aug.utils import UserError, make_output_dir, pick_device, remove_stale_temporaries, run_cli, str2bool
 
 logger = logging.getLogger("fine_tune")
 
@@ -309,6 +309,7 @@ def load_images(dataset, specs: list[ClassSpec]) -> None:
 
 def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    make_output_dir(Path(args.output_dir) / "fine-tuned")  # fail now, not after the first class has trained
     accelerator = build_accelerator(args)
     tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(args)
     resolution = args.resolution or default_resolution(unet, vae)

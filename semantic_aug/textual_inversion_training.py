@@ -657,24 +657,22 @@ class TrainingGroup:
         """Run updates until every class has `max_train_steps`; checkpoint, save and log along the way."""
         trainer, config = self.trainer, self.trainer.config
         first_step = min(self.steps)
-        progress = tqdm(total=config.max_train_steps - first_step,
-                        desc=f"textual inversion, {len(self.classes)} class(es)",
-                        disable=not trainer.accelerator.is_local_main_process)
-        while self.active_rows():
-            previous = self.steps
-            step_losses = self.train_step()
-            for row, loss in step_losses.items():
-                if self.steps[row] == previous[row]:
-                    continue  # fp16 overflow: the scaler skipped this update
-                self.losses[row].append(loss)
-                self._after_update(row)
-            progress.set_postfix(loss=f"{sum(step_losses.values()) / len(step_losses):.4f}")
-            trainer.accelerator.log({f"loss/{self.classes[row].name}": loss for row, loss in step_losses.items()},
-                                    step=max(self.steps))
-            progress.update(min(self.steps) - first_step - progress.n)
-            if on_step is not None:
-                on_step(self)
-        progress.close()
+        with tqdm(total=config.max_train_steps - first_step, desc=f"textual inversion, {len(self.classes)} class(es)",
+                  disable=not trainer.accelerator.is_local_main_process) as progress:  # closed on errors too
+            while self.active_rows():
+                previous = self.steps
+                step_losses = self.train_step()
+                for row, loss in step_losses.items():
+                    if self.steps[row] == previous[row]:
+                        continue  # fp16 overflow: the scaler skipped this update
+                    self.losses[row].append(loss)
+                    self._after_update(row)
+                progress.set_postfix(loss=f"{sum(step_losses.values()) / len(step_losses):.4f}")
+                trainer.accelerator.log({f"loss/{self.classes[row].name}": loss
+                                         for row, loss in step_losses.items()}, step=max(self.steps))
+                progress.update(min(self.steps) - first_step - progress.n)
+                if on_step is not None:
+                    on_step(self)
 
     def _after_update(self, row: int) -> None:
         config, step = self.trainer.config, self.steps[row]

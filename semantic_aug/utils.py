@@ -218,7 +218,8 @@ def restart_marker(output: str | os.PathLike, what: str, outputs: Iterable[str |
     While the block runs, a hidden `.{output name}.running.tmp` marker sits beside `output`. If a marker is already
     there, an earlier run was killed part-way: that is logged, since the work restarts from the beginning rather
     than resuming. The unfinished temporaries of interrupted writes of `output` and `outputs` are removed first.
-    The marker goes once the block succeeds.
+    The marker goes once the block succeeds, and when it fails with an exception (a bad input, a full disk), which
+    is reported at once; only a kill or Ctrl-C leaves it for the next run to find.
 
     Yields:
         True if an earlier run of this work was interrupted.
@@ -233,5 +234,9 @@ def restart_marker(output: str | os.PathLike, what: str, outputs: Iterable[str |
         remove_interrupted_writes(path)
     make_output_dir(marker.parent)
     marker.touch()
-    yield interrupted
+    try:
+        yield interrupted
+    except Exception:
+        marker.unlink(missing_ok=True)
+        raise
     marker.unlink(missing_ok=True)
