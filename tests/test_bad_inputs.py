@@ -228,9 +228,8 @@ ROWS = [
 ]
 
 
-def as_param(name: str, script: str, arguments, fragments: list[str], known_gap: str | None = None):
-    marks = [pytest.mark.xfail(strict=True, reason=known_gap)] if known_gap else []
-    return pytest.param(script, arguments, fragments, id=name, marks=marks)
+def as_param(name: str, script: str, arguments, fragments: list[str]):
+    return pytest.param(script, arguments, fragments, id=name)
 
 
 @pytest.mark.parametrize("script, arguments, fragments", [as_param(*row) for row in ROWS])
