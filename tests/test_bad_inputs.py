@@ -2,7 +2,7 @@
 one error line that names the problem, without a traceback, and must leave no partial output behind. The API key
 set for every run here must never show up in anything a script prints or writes.
 
-Inputs already checked at the command line elsewhere are not repeated (docs/troubleshooting.md lists them all):
+Inputs already checked at the command line elsewhere are not repeated (the README's Troubleshooting table lists them all):
 a missing --data-dir of train_classifier.py (test_train_classifier.py), a missing API key and a rejected key
 (test_prompts.py), a fine-tuned folder without a class (test_aggregate_embeddings.py), an unknown token in
 test_image_generation.py's prompt (test_image_generation_script.py); a language model that answers without
@@ -69,7 +69,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     line = lines[errors[0]][ERROR_LINE.search(lines[errors[0]]).start():]  # without a progress bar glued in front
     for fragment in fragments:
         assert fragment in line, f"{fragment!r} not in {line!r}"
-    print(f"[observed] {line}")  # shown with `pytest -rP`: the messages of docs/troubleshooting.md
+    print(f"[observed] {line}")  # shown with `pytest -rP`: the messages of the README's Troubleshooting table
     return line
 
 
