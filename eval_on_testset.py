@@ -13,8 +13,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from semantic_aug.datasets import create_dataset, list_datasets
-from semantic_aug.few_shot_dataset import DEFAULT_IMAGE_SIZE, EVAL_SPLITS, add_bad_images_argument
+from semantic_aug.datasets import add_dataset_arguments, create_dataset
+from semantic_aug.few_shot_dataset import DEFAULT_IMAGE_SIZE, EVAL_SPLITS
 from semantic_aug.training import DEFAULT_EVAL_BATCH_SIZE, evaluate, load_classifier
 from semantic_aug.utils import UserError, atomic_write_csv, pick_device, run_cli
 
@@ -25,7 +25,7 @@ SPLIT_ALIASES = {"test_uncommon": "test_uncommon_context"}  # the reference's na
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="custom_coco", choices=list_datasets(), help="dataset to evaluate on")
+    add_dataset_arguments(parser, purpose="dataset to evaluate on")
     parser.add_argument("--split", default="test", choices=[*EVAL_SPLITS, *SPLIT_ALIASES],
                         help="split to evaluate (test_uncommon is an alias of test_uncommon_context)")
     parser.add_argument("--model", required=True, help="classifier checkpoint (.pth) written by train_classifier.py")
@@ -34,10 +34,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epc", "--examples-per-class", dest="epc", type=int, default=0,
                         help="examples per class of the run (names the output file)")
     parser.add_argument("--logdir", default="logs", help="folder of the output CSV")
-    parser.add_argument("--data-dir", default=None,
-                        help="dataset folder (default: the dataset's own default or environment variable); needed "
-                             "for test_uncommon_context, which the shipped Custom COCO copy lacks")
-    add_bad_images_argument(parser)
     parser.add_argument("--image-size", type=int, default=None,
                         help=f"input side in pixels (default: the size the classifier was trained at, else "
                              f"{DEFAULT_IMAGE_SIZE})")

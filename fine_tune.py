@@ -26,9 +26,8 @@ from pathlib import Path
 
 import torch
 
-from semantic_aug.datasets import create_dataset, list_datasets
+from semantic_aug.datasets import add_dataset_arguments, create_dataset
 from semantic_aug.embeddings import class_folder_name
-from semantic_aug.few_shot_dataset import add_bad_images_argument
 from semantic_aug.stable_diffusion import default_resolution, load_sd_components, load_tokenizer
 from semantic_aug.textual_inversion_training import (TEMPLATES, ClassSpec, TextualInversionConfig,
                                                      TextualInversionTrainer)
@@ -56,10 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="Not supported (the reference never implemented it): pass an erased UNet with --unet-ckpt.")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="coco", choices=list_datasets(), help="Dataset whose classes get tokens.")
-    data.add_argument("--data-dir", default=None,
-                      help="The dataset's folder (default: the dataset's environment variable or shipped copy).")
-    add_bad_images_argument(data)
+    add_dataset_arguments(data, default="coco", purpose="dataset whose classes get tokens")
     data.add_argument("--classes", nargs="+", default=None,
                       help="Learn tokens only for these classes (default: every class of the dataset).")
     data.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],

@@ -33,8 +33,8 @@ import torch
 
 from semantic_aug.augmentations import COMPOSE_MODES, list_augmentations
 from semantic_aug.classifiers import FewShotClassifier, list_backbones
-from semantic_aug.datasets import create_dataset, get_dataset_class, list_datasets
-from semantic_aug.few_shot_dataset import FolderFewShotDataset, add_bad_images_argument
+from semantic_aug.datasets import add_dataset_arguments, create_dataset, get_dataset_class
+from semantic_aug.few_shot_dataset import FolderFewShotDataset
 from semantic_aug.filtering import DEFAULT_FILTER_MODE, FILTER_CONFIDENCE_THRESHOLD, FILTER_MODE_HELP, FILTER_MODES
 from semantic_aug.training import (classifier_filename, default_num_workers, evaluate, fit, load_classifier,
                                    results_csv_path, save_classifier, test_csv_path)
@@ -55,10 +55,7 @@ DEFAULT_GUIDANCE_SCALE = 15.0
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # runs and outputs
-    parser.add_argument("--dataset", default="custom_coco", choices=list_datasets(), help="dataset to train on")
-    parser.add_argument("--data-dir", default=None,
-                        help="the dataset's folder (default: its shipped copy or environment variable)")
-    add_bad_images_argument(parser)
+    add_dataset_arguments(parser, purpose="dataset to train on")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="seeds; each selects the few-shot images and seeds generation and training")
     parser.add_argument("--examples-per-class", type=int, nargs="+", default=[2, 4, 8],

@@ -20,8 +20,7 @@ import argparse
 import logging
 
 from semantic_aug.classifiers import OFFLINE_BACKBONE, list_backbones
-from semantic_aug.datasets import list_datasets
-from semantic_aug.few_shot_dataset import add_bad_images_argument
+from semantic_aug.datasets import add_dataset_arguments
 from semantic_aug.filtering import TEMPERATURE_ITERATIONS, TEMPERATURE_LR, train_filter
 from semantic_aug.utils import run_cli
 
@@ -30,10 +29,7 @@ logger = logging.getLogger("train_filter")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="custom_coco", choices=list_datasets(), help="dataset to train on")
-    parser.add_argument("--data-dir", default=None,
-                        help="the dataset's folder (default: its shipped copy or environment variable)")
-    add_bad_images_argument(parser)
+    add_dataset_arguments(parser, purpose="dataset to train on")
     parser.add_argument("--seeds", "--seed", dest="seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="seeds of the few-shot selection and training; one filter per seed")
     parser.add_argument("--examples-per-class", type=int, nargs="+", default=[2, 4, 8],

@@ -31,6 +31,23 @@ def get_dataset_class(name: str) -> type:
     return DATASETS[name]
 
 
+def add_dataset_arguments(parser, default: str = "custom_coco", purpose: str = "dataset to use") -> None:
+    """`--dataset`, `--data-dir` and `--bad-images`, as every script that reads images takes them.
+
+    Args:
+        parser: an argparse parser or argument group.
+        default: the default `--dataset` (the reference's default differs between scripts).
+        purpose: the start of `--dataset`'s help text.
+    """
+    from semantic_aug.few_shot_dataset import add_bad_images_argument
+
+    parser.add_argument("--dataset", default=default, choices=list_datasets(), help=f"{purpose} (default: %(default)s)")
+    parser.add_argument("--data-dir", default=None,
+                        help="the dataset's folder (default: its shipped copy or its environment variable, e.g. "
+                             "$FOCUS_DIR, $COCO_DIR)")
+    add_bad_images_argument(parser)
+
+
 def create_dataset(name: str, **kwargs):
     """Build dataset `name` with constructor keyword arguments (`split`, `examples_per_class`, `seed`, `data_dir`, ...)."""
     return get_dataset_class(name)(**kwargs)
