@@ -16,7 +16,7 @@ from pathlib import Path
 from semantic_aug.datasets import add_dataset_arguments, create_dataset
 from semantic_aug.few_shot_dataset import DEFAULT_IMAGE_SIZE, EVAL_SPLITS
 from semantic_aug.training import DEFAULT_EVAL_BATCH_SIZE, evaluate, load_classifier
-from semantic_aug.utils import UserError, atomic_write_csv, pick_device, run_cli
+from semantic_aug.utils import UserError, atomic_write_csv, check_flag_minimum, pick_device, run_cli
 
 logger = logging.getLogger("eval_on_testset")
 
@@ -46,10 +46,7 @@ def parse_args() -> argparse.Namespace:
                         help="evaluate even when the output CSV is newer than the model")
     args = parser.parse_args()
     args.split = SPLIT_ALIASES.get(args.split, args.split)
-    for name in ("batch_size", "image_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    check_flag_minimum(parser, args, ("batch_size", "image_size"))
     return args
 
 

@@ -31,7 +31,8 @@ from semantic_aug.embeddings import class_folder_name
 from semantic_aug.stable_diffusion import default_resolution, load_sd_components, load_tokenizer
 from semantic_aug.textual_inversion_training import (TEMPLATES, ClassSpec, TextualInversionConfig,
                                                      TextualInversionTrainer)
-from semantic_aug.utils import UserError, make_output_dir, pick_device, remove_stale_temporaries, run_cli, str2bool
+from semantic_aug.utils import (UserError, check_flag_minimum, make_output_dir, pick_device, remove_stale_temporaries,
+                                run_cli, str2bool)
 
 logger = logging.getLogger("fine_tune")
 
@@ -162,22 +163,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"{flag} is not supported: {advice}")
     if args.max_train_steps is not None and args.num_train_epochs is not None:
         parser.error("--max_train_steps and --num_train_epochs both set the training length; pass one")
-    positive = {"--train_batch_size": args.train_batch_size,
-                "--gradient_accumulation_steps": args.gradient_accumulation_steps, "--repeats": args.repeats,
-                "--max_train_steps": args.max_train_steps, "--num_train_epochs": args.num_train_epochs,
-                "--resolution": args.resolution, "--checkpoints_total_limit": args.checkpoints_total_limit}
-    for flag, value in positive.items():
-        if value is not None and value < 1:
-            parser.error(f"{flag} must be at least 1, got {value}")
-    non_negative = {"--micro-batch-size": args.micro_batch_size, "--save_steps": args.save_steps,
-                    "--checkpointing_steps": args.checkpointing_steps, "--lr_warmup_steps": args.lr_warmup_steps}
-    for flag, value in non_negative.items():
-        if value < 0:
-            parser.error(f"{flag} must be 0 or more, got {value}")
+    check_flag_minimum(parser, args, ("train_batch_size", "gradient_accumulation_steps", "repeats", "max_train_steps",
+                                      "num_train_epochs", "resolution", "checkpoints_total_limit",
+                                      "examples_per_class"))
+    check_flag_minimum(parser, args, ("micro_batch_size", "save_steps", "checkpointing_steps", "lr_warmup_steps"),
+                       minimum=0)
     if not 0.0 <= args.flip_p <= 1.0:
         parser.error(f"--flip_p must lie in [0, 1], got {args.flip_p}")
-    if any(epc < 1 for epc in args.examples_per_class):
-        parser.error(f"--examples-per-class values must be at least 1, got {args.examples_per_class}")
     return args
 
 

@@ -22,7 +22,7 @@ import torch
 
 from semantic_aug.embeddings import add_tokens_to_text_encoder, load_tokens, stable_seed
 from semantic_aug.stable_diffusion import default_resolution, load_stable_diffusion
-from semantic_aug.utils import UserError, atomic_save_image, atomic_write_csv, pick_device, run_cli
+from semantic_aug.utils import UserError, atomic_save_image, atomic_write_csv, check_flag_minimum, pick_device, run_cli
 
 logger = logging.getLogger("test_image_generation")
 
@@ -53,10 +53,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
                         help="regenerate images that already exist")
     args = parser.parse_args()
-    for name in ("num_generate", "num_inference_steps", "batch_size", "resolution"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    check_flag_minimum(parser, args, ("num_generate", "num_inference_steps", "batch_size", "resolution"))
     if args.guidance_scale < 1:
         parser.error(f"--guidance-scale must be at least 1, got {args.guidance_scale}")
     return args

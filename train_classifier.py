@@ -38,7 +38,8 @@ from semantic_aug.few_shot_dataset import FolderFewShotDataset
 from semantic_aug.filtering import DEFAULT_FILTER_MODE, FILTER_CONFIDENCE_THRESHOLD, FILTER_MODE_HELP, FILTER_MODES
 from semantic_aug.training import (classifier_filename, default_num_workers, evaluate, fit, load_classifier,
                                    results_csv_path, save_classifier, test_csv_path)
-from semantic_aug.utils import UserError, atomic_write_csv, pick_device, restart_marker, run_cli, set_seed, str2bool
+from semantic_aug.utils import (UserError, atomic_write_csv, check_flag_minimum, pick_device, restart_marker, run_cli,
+                                set_seed, str2bool)
 
 logger = logging.getLogger("train_classifier")
 
@@ -146,14 +147,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     args.synthetic_filter = None if args.synthetic_filter == "None" else args.synthetic_filter
     args.eval_on_test_set = list(dict.fromkeys(SPLIT_ALIASES.get(s, s) for s in args.eval_on_test_set))
-    for flag in ("iterations_per_epoch", "num_epochs", "batch_size", "image_size", "generation_batch_size",
-                 "num_inference_steps", "num_workers"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    if min(args.examples_per_class) < 1:
-        parser.error(f"--examples-per-class must be at least 1, got {min(args.examples_per_class)}")
-    if args.num_synthetic < 0:
-        parser.error(f"--num-synthetic must be 0 or more, got {args.num_synthetic}")
+    check_flag_minimum(parser, args, ("iterations_per_epoch", "num_epochs", "batch_size", "image_size",
+                                      "generation_batch_size", "num_inference_steps", "num_workers",
+                                      "examples_per_class"))
+    check_flag_minimum(parser, args, ("num_synthetic",), minimum=0)
     if not 0 <= args.synthetic_probability <= 1:
         parser.error(f"--synthetic-probability must lie in [0, 1], got {args.synthetic_probability}")
     if args.filter_mask_area != 0:

@@ -22,7 +22,7 @@ import logging
 from semantic_aug.classifiers import OFFLINE_BACKBONE, list_backbones
 from semantic_aug.datasets import add_dataset_arguments
 from semantic_aug.filtering import TEMPERATURE_ITERATIONS, TEMPERATURE_LR, train_filter
-from semantic_aug.utils import run_cli
+from semantic_aug.utils import check_flag_minimum, run_cli
 
 logger = logging.getLogger("train_filter")
 
@@ -60,13 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
                         help="retrain filters that already exist (default: keep them, so reruns resume)")
     args = parser.parse_args(argv)
-    for flag in ("iterations_per_epoch", "max_epochs", "batch_size", "image_size", "temperature_iterations"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    if min(args.examples_per_class) < 1:
-        parser.error(f"--examples-per-class must be at least 1, got {min(args.examples_per_class)}")
-    if args.early_stopping_patience < 0:
-        parser.error(f"--early-stopping-patience must be 0 or more, got {args.early_stopping_patience}")
+    check_flag_minimum(parser, args, ("iterations_per_epoch", "max_epochs", "batch_size", "image_size",
+                                      "temperature_iterations", "examples_per_class"))
+    check_flag_minimum(parser, args, ("early_stopping_patience",), minimum=0)
     if args.lr <= 0 or args.temperature_lr <= 0 or args.weight_decay < 0:
         parser.error("--lr and --temperature-lr must be positive and --weight-decay non-negative")
     return args

@@ -240,3 +240,15 @@ def restart_marker(output: str | os.PathLike, what: str, outputs: Iterable[str |
         marker.unlink(missing_ok=True)
         raise
     marker.unlink(missing_ok=True)
+
+
+def check_flag_minimum(parser: argparse.ArgumentParser, args: argparse.Namespace, dests: Iterable[str],
+                       minimum: int = 1) -> None:
+    """`parser.error` (one line, exit 2) for the first flag among `dests` whose value, or any element of a list
+    value, is below `minimum`; unset (None) values pass. The message uses the flag's own spelling."""
+    spelling = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
+    bound = "at least 1" if minimum == 1 else f"{minimum} or more"
+    for dest in dests:
+        value = getattr(args, dest)
+        if any(item is not None and item < minimum for item in (value if isinstance(value, list) else [value])):
+            parser.error(f"{spelling[dest]} must be {bound}, got {value}")
