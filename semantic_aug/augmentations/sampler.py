@@ -15,7 +15,8 @@ One call turns a batch of real images into synthetic ones, each with its own pro
    writing overlaps the next batch on the GPU.
 
 The speed options change no arithmetic of the algorithm: bf16 weights are the caller's `dtype`; fused QKV
-projections, channels_last and cuDNN autotuning are always on for CUDA; `compile_model` adds `torch.compile` of
+projections, channels_last, cuDNN autotuning and the fused GroupNorm+SiLU kernels of
+`semantic_aug.fused_group_norm` are always on for CUDA; `compile_model` adds `torch.compile` of
 the UNet and the VAE decoder (batches are padded to a fixed size so one compiled graph serves every batch);
 `attention_backend` picks the SDPA kernel.
 """
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from semantic_aug.fused_group_norm import fuse_group_norms
 from semantic_aug.utils import UserError
 
 logger = logging.getLogger(__name__)
@@ -182,6 +184,8 @@ class DiffusionSampler:
     def _prepare_for_speed(self) -> None:
         self.unet.fuse_qkv_projections()  # one matmul for Q, K and V instead of three
         if self.device.type == "cuda":
+            fuse_group_norms(self.unet)  # GroupNorm(+SiLU) kernels that read channels_last as it lies
+            fuse_group_norms(self.vae)
             self.unet.to(memory_format=self.memory_format)
             self.vae.to(memory_format=self.memory_format)
             torch.backends.cudnn.benchmark = True  # the batch shape is fixed, so autotuning convolutions pays off

@@ -1,0 +1,289 @@
+"""Where the time of synthetic generation goes, on the real SD v1.4 architecture (random weights), bf16, 512².
+
+Prints, in one run (about 6-8 minutes on an H100):
+  1. ceilings: a large bf16 matmul and a 3x3 convolution like the UNet's, in TFLOP/s;
+  2. the attention kernel at the UNet's 64² self-attention shape (tokens 4096, 8 heads, head dim 40) per SDPA backend;
+  3. one UNet call at the generator's batch (2 x images, classifier-free guidance): FLOPs, ms, TFLOP/s for each
+     `--variants` entry, and a kernel-time breakdown (convolution / matmul / attention / the rest) from the profiler;
+  4. the VAE encoder and decoder per image;
+  5. one whole `DiffusionSampler.img2img` batch against its UNet share (steps x one UNet call).
+
+    python benchmarks/profile_generation.py [--images 32] [--variants eager,compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from semantic_aug.augmentations import sampler as sampler_module  # noqa: E402
+from semantic_aug.augmentations.sampler import DiffusionSampler  # noqa: E402
+from semantic_aug.fused_group_norm import group_norm  # noqa: E402
+from semantic_aug.stable_diffusion import build_random_sd_v1, cache_root, save_stable_diffusion  # noqa: E402
+from semantic_aug.utils import UserError, run_cli  # noqa: E402
+
+STEPS, STRENGTH, GUIDANCE = 50, 0.7, 15.0
+VARIANTS = {  # name -> (compile_model, compile_mode, channels_last, extra inductor options)
+    "eager": (False, "default", True, {}),
+    "compile": (True, "default", True, {}),
+    "compile-cg": (True, "reduce-overhead", True, {}),
+    "compile-nchw": (True, "default", False, {}),
+    "compile-cdt": (True, "default", True, {"coordinate_descent_tuning": True}),
+}
+
+
+class LayoutSampler(DiffusionSampler):
+    """The sampler with a choice of memory layout (channels_last or NCHW) for the profile."""
+
+    channels_last = True
+
+    def _prepare_for_speed(self) -> None:
+        if not self.channels_last:
+            self.memory_format = torch.contiguous_format
+        super()._prepare_for_speed()
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=32, help="images per generator call (UNet batch is twice that)")
+    parser.add_argument("--variants", default="eager,compile",
+                        help="comma-separated sampler variants: eager, compile, compile-cg (reduce-overhead)")
+    parser.add_argument("--attention", default="cudnn", help="SDPA backend the variants prefer")
+    parser.add_argument("--gn-config", default=None,
+                        help="fused GroupNorm kernel configuration tile,warps,stats_tiles,normalize_tiles "
+                             "(see bench_group_norm.py --sweep)")
+    parser.add_argument("--cudnn-benchmark-limit", type=int, default=None,
+                        help="cuDNN algorithms tried per convolution (0 = all; PyTorch's default is 10)")
+    parser.add_argument("--top-kernels", type=int, default=14, help="kernels listed per profile")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: ceilings, attention, groupnorm")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats of each measurement (median)")
+    return parser.parse_args()
+
+
+def cuda_time(function, repeats: int, warmup: int = 2) -> float:
+    """Median milliseconds of `function()` over `repeats` CUDA-event-timed runs."""
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        function()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def ceilings(repeats: int) -> None:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = cuda_time(lambda: a @ b, repeats)
+    print(f"ceiling matmul 8192^3 bf16: {2 * 8192 ** 3 / ms / 1e9:.0f} TFLOP/s", flush=True)
+    torch.backends.cudnn.benchmark = True
+    for channels, side, batch in ((320, 64, 64), (640, 32, 64), (1280, 16, 64)):
+        x = torch.randn(batch, channels, side, side, device="cuda", dtype=torch.bfloat16).to(
+            memory_format=torch.channels_last)
+        conv = torch.nn.Conv2d(channels, channels, 3, padding=1).cuda().to(torch.bfloat16).to(
+            memory_format=torch.channels_last)
+        with torch.no_grad():
+            ms = cuda_time(lambda: conv(x), repeats)
+        flops = 2 * batch * side * side * channels * channels * 9
+        print(f"ceiling conv3x3 {channels}ch {side}^2 batch {batch} channels_last: {flops / ms / 1e9:.0f} TFLOP/s",
+              flush=True)
+
+
+def group_norm_kernels(batch: int, repeats: int) -> None:
+    """GroupNorm(32) + SiLU, the UNet's most common memory-bound step, against the copy bandwidth floor (the fused
+    kernels read twice and write once, so their own floor is 1.5 times this one)."""
+    big = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    other = torch.empty_like(big)
+    ms = cuda_time(lambda: other.copy_(big), repeats)
+    bandwidth = 2 * big.numel() / ms / 1e9  # TB/s, read + write
+    print(f"ceiling copy 1 GiB: {bandwidth:.2f} TB/s (read + write)", flush=True)
+    del big, other
+    for channels in (320, 640):
+        weight = torch.randn(channels, device="cuda", dtype=torch.bfloat16)
+        bias = torch.randn(channels, device="cuda", dtype=torch.bfloat16)
+        norm = lambda x: F.silu(F.group_norm(x, 32, weight, bias, 1e-5))  # noqa: E731
+        compiled = torch.compile(norm, dynamic=False)
+        fused = lambda x: group_norm(x, 32, weight, bias, 1e-5, silu=True)  # noqa: E731
+        for layout in ("channels_last", "nchw"):
+            x = torch.randn(batch, channels, 64, 64, device="cuda", dtype=torch.bfloat16)
+            if layout == "channels_last":
+                x = x.contiguous(memory_format=torch.channels_last)
+            floor = 2 * x.numel() * 2 / bandwidth / 1e9  # one read, one write
+            reference = F.silu(F.group_norm(x.double(), 32, weight.double(), bias.double(), 1e-5))
+            error = (fused(x).double() - reference).norm() / reference.norm()
+            print(f"fused group_norm+silu {channels}ch {layout}: relative error {error:.1e} against float64", flush=True)
+            for name, function in (("eager", norm), ("compiled", compiled), ("fused triton", fused)):
+                with torch.no_grad():
+                    ms = cuda_time(lambda: function(x), repeats)
+                print(f"group_norm+silu {channels}ch 64^2 batch {batch} {layout} {name}: {ms:.3f} ms "
+                      f"({floor / ms * 100:.0f}% of the 1-read-1-write floor {floor:.3f} ms)", flush=True)
+        torch._dynamo.reset()
+
+
+def attention_kernels(batch: int, repeats: int) -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for head_dim in (40, 64):
+        q, k, v = (torch.randn(batch, 8, 4096, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        flops = 4 * batch * 8 * 4096 * 4096 * head_dim
+        for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                              ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+            try:
+                with sdpa_kernel([backend]):
+                    ms = cuda_time(lambda: F.scaled_dot_product_attention(q, k, v), repeats)
+                print(f"attention 4096 tokens x 8 heads x d{head_dim}, batch {batch}, {name}: {ms:.2f} ms, "
+                      f"{flops / ms / 1e9:.0f} TFLOP/s (d{head_dim} FLOPs)", flush=True)
+            except RuntimeError as error:
+                print(f"attention d{head_dim} {name}: unavailable ({str(error).splitlines()[0][:80]})", flush=True)
+
+
+def kernel_breakdown(function, label: str, top_kernels: int = 14) -> None:
+    """Group the profiler's CUDA kernel time of one `function()` call into categories."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        function()
+        torch.cuda.synchronize()
+    totals, top, triton = defaultdict(float), [], defaultdict(lambda: [0.0, 0])
+    for event in prof.key_averages():
+        micros = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if micros <= 0 or event.key.startswith(("aten::", "cuda")):
+            continue
+        name = event.key.lower()
+        if name.startswith(("_partial_sums", "_group_moments", "_normalize")):
+            category = "fused group norm (ours)"
+        elif name.startswith("triton"):
+            category = "triton (fused elementwise/norm)"
+            family = re.sub(r"_\d+$", "", event.key)
+            triton[family][0] += micros
+            triton[family][1] += event.count
+        elif any(word in name for word in ("fmha", "flash", "attention", "sdpa")):
+            category = "attention"
+        elif any(word in name for word in ("fprop", "implicit_gemm", "conv")):
+            category = "convolution"
+        elif any(word in name for word in ("gemm", "cutlass", "nvjet", "matmul")):
+            category = "matmul"
+        elif any(word in name for word in ("elementwise", "norm", "moments", "reduce")):
+            category = "aten elementwise/norm"
+        else:
+            category = "other"
+        totals[category] += micros
+        top.append((micros, event.key[:110], event.count))
+    whole = sum(totals.values())
+    print(f"  kernel time of one {label}: {whole / 1e3:.1f} ms", flush=True)
+    for category, micros in sorted(totals.items(), key=lambda item: -item[1]):
+        print(f"    {category:<34} {micros / 1e3:8.1f} ms  {100 * micros / whole:5.1f}%", flush=True)
+    print("  top kernels:", flush=True)
+    for micros, name, count in sorted(top, reverse=True)[:top_kernels]:
+        print(f"    {micros / 1e3:8.2f} ms  x{count:<4} {name}", flush=True)
+    if triton:
+        print("  triton kernel families:", flush=True)
+        for family, (micros, count) in sorted(triton.items(), key=lambda item: -item[1][0])[:top_kernels]:
+            print(f"    {micros / 1e3:8.2f} ms  x{count:<4} {family[:100]}", flush=True)
+
+
+def unet_flops(sampler: DiffusionSampler, rows: int) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sample = torch.randn(rows, 4, 64, 64, device="cuda")
+    text = torch.randn(rows, 77, 768, device="cuda", dtype=sampler.dtype)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        sampler._unet_forward(sample, torch.tensor(500, device="cuda"), text)
+    return counter.get_total_flops()
+
+
+def profile_variant(model_path: str, variant: str, args) -> None:
+    from PIL import Image
+
+    compile_model, mode, channels_last, extra = VARIANTS[variant]
+    LayoutSampler.channels_last = channels_last
+    saved_options = dict(sampler_module.INDUCTOR_OPTIONS)
+    sampler_module.INDUCTOR_OPTIONS.update(extra)
+    sampler = LayoutSampler.from_pretrained(model_path, device="cuda", dtype=torch.bfloat16,
+                                            compile_model=compile_model, compile_mode=mode,
+                                            attention_backend=args.attention)
+    rows = 2 * args.images
+    sample = torch.randn(rows, 4, 64, 64, device="cuda")
+    text = torch.randn(rows, 77, 768, device="cuda", dtype=torch.bfloat16)
+    timestep = torch.tensor(500, device="cuda")
+    start = time.perf_counter()
+    with torch.no_grad(), sampler._attention():
+        call = lambda: sampler._run_static("unet", sampler._unet_call, sample, timestep, text)  # noqa: E731
+        call()
+        torch.cuda.synchronize()
+        warm = time.perf_counter() - start
+        ms = cuda_time(call, args.repeats)
+        flops = unet_flops(sampler, rows)
+        print(f"[{variant}] UNet batch {rows}: {flops / 1e12:.1f} TFLOP/call, {ms:.1f} ms, "
+              f"{flops / ms / 1e9:.0f} TFLOP/s; {ms / args.images * 35:.0f} ms/image for 35 steps "
+              f"(first call {warm:.0f} s)", flush=True)
+        kernel_breakdown(call, f"UNet call ({variant})", top_kernels=args.top_kernels)
+        latents = torch.randn(8, 4, 64, 64, device="cuda")
+        ms_dec = cuda_time(lambda: sampler._run_static("decode", sampler._decode_call, latents), args.repeats)
+        pixels = torch.randn(8, 3, 512, 512, device="cuda", dtype=torch.bfloat16).contiguous(
+            memory_format=sampler.memory_format)
+        ms_enc = cuda_time(lambda: sampler.vae.encode(pixels), args.repeats)
+        print(f"[{variant}] VAE decode {ms_dec / 8:.1f} ms/image, encode {ms_enc / 8:.1f} ms/image", flush=True)
+    images = [Image.new("RGB", (640, 480), (i * 7 % 255, 90, 160)) for i in range(args.images // 4)]
+    batch = [image for image in images for _ in range(4)]
+    prompts = [f"a photo of a thing number {i % 3}" for i in range(len(batch))]
+    generate = lambda: sampler.img2img(batch, prompts, list(range(len(batch))), STRENGTH, GUIDANCE)  # noqa: E731
+    out = generate()
+    out.pil(len(out) - 1)
+    start = time.perf_counter()
+    for _ in range(2):
+        out = generate()
+    out.pil(len(out) - 1)
+    seconds = (time.perf_counter() - start) / 2
+    print(f"[{variant}] img2img batch {len(batch)}: {seconds * 1e3:.0f} ms = {len(batch) / seconds:.2f} img/s "
+          f"(UNet share {35 * ms / 1e3 / seconds * 100:.0f}%)", flush=True)
+    sampler_module.INDUCTOR_OPTIONS.clear()
+    sampler_module.INDUCTOR_OPTIONS.update(saved_options)
+    del sampler
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+
+
+def main(args: argparse.Namespace) -> None:
+    if not torch.cuda.is_available():
+        raise UserError("this benchmark measures CUDA kernels and needs a CUDA GPU")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    model_path = cache_root() / "sd-v1.4-random"
+    if not (model_path / "model_index.json").is_file():
+        tokenizer, text_encoder, vae, unet, _ = build_random_sd_v1("cuda")
+        save_stable_diffusion(model_path, tokenizer, *(part.to(torch.float16) for part in (text_encoder, vae, unet)))
+    if args.gn_config:
+        from semantic_aug import fused_group_norm
+
+        tile, warps, stats, normalize = (int(v) for v in args.gn_config.split(","))
+        fused_group_norm.TILE_ELEMENTS, fused_group_norm.NUM_WARPS = tile, warps
+        fused_group_norm.STATS_TILES, fused_group_norm.NORMALIZE_TILES = stats, normalize
+        print(f"fused GroupNorm configuration: {args.gn_config}", flush=True)
+    if args.cudnn_benchmark_limit is not None:
+        torch.backends.cudnn.benchmark_limit = args.cudnn_benchmark_limit
+    skip = set(filter(None, args.skip.split(",")))
+    if "ceilings" not in skip:
+        ceilings(args.repeats)
+    if "attention" not in skip:
+        attention_kernels(2 * args.images, args.repeats)
+    if "groupnorm" not in skip:
+        group_norm_kernels(2 * args.images, args.repeats)
+    for variant in args.variants.split(","):
+        profile_variant(str(model_path), variant, args)
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)
