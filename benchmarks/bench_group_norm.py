@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from benchmarks.cuda_timing import cuda_time  # noqa: E402
 from semantic_aug import fused_group_norm  # noqa: E402
 from semantic_aug.utils import UserError, run_cli  # noqa: E402
 
@@ -35,21 +36,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--best-out", default=None, help="file for the overall best configuration (with --sweep)")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (median)")
     return parser.parse_args()
-
-
-def cuda_time(function, repeats: int) -> float:
-    """Median milliseconds of `function()` (CUDA events, after two warm-up runs)."""
-    function()
-    function()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        function()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def main(args: argparse.Namespace) -> None:

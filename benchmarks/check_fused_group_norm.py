@@ -7,6 +7,7 @@ interpreter; this runs the compiled kernels at full size.)
 
 from __future__ import annotations
 
+import argparse
 import copy
 import sys
 from pathlib import Path
@@ -26,7 +27,11 @@ def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     return ((value.float() - reference).norm() / reference.norm()).item()
 
 
-def main(_args=None) -> None:
+def parse_args() -> argparse.Namespace:
+    return argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+
+
+def main(_args: argparse.Namespace) -> None:
     if not torch.cuda.is_available():
         raise UserError("this check runs the CUDA kernels and needs a CUDA GPU")
     torch.manual_seed(0)
@@ -55,4 +60,4 @@ def main(_args=None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main, lambda: None)
+    run_cli(main, parse_args)

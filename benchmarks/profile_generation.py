@@ -25,9 +25,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from benchmarks.cuda_timing import cuda_time  # noqa: E402
 from semantic_aug.augmentations import sampler as sampler_module  # noqa: E402
 from semantic_aug.augmentations.sampler import DiffusionSampler  # noqa: E402
-from semantic_aug.fused_group_norm import group_norm  # noqa: E402
 from semantic_aug.stable_diffusion import build_random_sd_v1, cache_root, save_stable_diffusion  # noqa: E402
 from semantic_aug.utils import UserError, run_cli  # noqa: E402
 
@@ -64,24 +64,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cudnn-benchmark-limit", type=int, default=None,
                         help="cuDNN algorithms tried per convolution (0 = all; PyTorch's default is 10)")
     parser.add_argument("--top-kernels", type=int, default=14, help="kernels listed per profile")
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: ceilings, attention, groupnorm")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: ceilings, attention (GroupNorm: bench_group_norm.py)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats of each measurement (median)")
     return parser.parse_args()
-
-
-def cuda_time(function, repeats: int, warmup: int = 2) -> float:
-    """Median milliseconds of `function()` over `repeats` CUDA-event-timed runs."""
-    for _ in range(warmup):
-        function()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        function()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def ceilings(repeats: int) -> None:
@@ -100,37 +85,6 @@ def ceilings(repeats: int) -> None:
         flops = 2 * batch * side * side * channels * channels * 9
         print(f"ceiling conv3x3 {channels}ch {side}^2 batch {batch} channels_last: {flops / ms / 1e9:.0f} TFLOP/s",
               flush=True)
-
-
-def group_norm_kernels(batch: int, repeats: int) -> None:
-    """GroupNorm(32) + SiLU, the UNet's most common memory-bound step, against the copy bandwidth floor (the fused
-    kernels read twice and write once, so their own floor is 1.5 times this one)."""
-    big = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    other = torch.empty_like(big)
-    ms = cuda_time(lambda: other.copy_(big), repeats)
-    bandwidth = 2 * big.numel() / ms / 1e9  # TB/s, read + write
-    print(f"ceiling copy 1 GiB: {bandwidth:.2f} TB/s (read + write)", flush=True)
-    del big, other
-    for channels in (320, 640):
-        weight = torch.randn(channels, device="cuda", dtype=torch.bfloat16)
-        bias = torch.randn(channels, device="cuda", dtype=torch.bfloat16)
-        norm = lambda x: F.silu(F.group_norm(x, 32, weight, bias, 1e-5))  # noqa: E731
-        compiled = torch.compile(norm, dynamic=False)
-        fused = lambda x: group_norm(x, 32, weight, bias, 1e-5, silu=True)  # noqa: E731
-        for layout in ("channels_last", "nchw"):
-            x = torch.randn(batch, channels, 64, 64, device="cuda", dtype=torch.bfloat16)
-            if layout == "channels_last":
-                x = x.contiguous(memory_format=torch.channels_last)
-            floor = 2 * x.numel() * 2 / bandwidth / 1e9  # one read, one write
-            reference = F.silu(F.group_norm(x.double(), 32, weight.double(), bias.double(), 1e-5))
-            error = (fused(x).double() - reference).norm() / reference.norm()
-            print(f"fused group_norm+silu {channels}ch {layout}: relative error {error:.1e} against float64", flush=True)
-            for name, function in (("eager", norm), ("compiled", compiled), ("fused triton", fused)):
-                with torch.no_grad():
-                    ms = cuda_time(lambda: function(x), repeats)
-                print(f"group_norm+silu {channels}ch 64^2 batch {batch} {layout} {name}: {ms:.3f} ms "
-                      f"({floor / ms * 100:.0f}% of the 1-read-1-write floor {floor:.3f} ms)", flush=True)
-        torch._dynamo.reset()
 
 
 def attention_kernels(batch: int, repeats: int) -> None:
@@ -279,8 +233,6 @@ def main(args: argparse.Namespace) -> None:
         ceilings(args.repeats)
     if "attention" not in skip:
         attention_kernels(2 * args.images, args.repeats)
-    if "groupnorm" not in skip:
-        group_norm_kernels(2 * args.images, args.repeats)
     for variant in args.variants.split(","):
         profile_variant(str(model_path), variant, args)
 
