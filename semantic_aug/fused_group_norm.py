@@ -33,6 +33,7 @@ try:
 except ImportError:  # CPU-only installs: the PyTorch path below is used
     triton = None
 
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton reads this once too, when kernels are defined
 # Launch configuration: the best over the UNet's and VAE's shapes on an H100 (benchmarks/bench_group_norm.py --sweep,
 # log in benchmarks/results/bench_group_norm_h100_sweep.log): 3.95 ms for all ten shapes against 5.23 ms before.
 TILE_ELEMENTS = 16384  # elements of one [pixels, channels] tile a program holds
@@ -178,7 +179,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, affine_bias: torch.Tensor, bi
 def kernels_apply(x: torch.Tensor) -> bool:
     """Whether `group_norm` runs the Triton kernels for `x`: a CUDA tensor of 3 or 4 dims with Triton present and
     autograd off (a CPU tensor too under `TRITON_INTERPRET=1`, Triton's interpreter, which the tests use)."""
-    on_device = x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    on_device = x.is_cuda or INTERPRETED
     return triton is not None and on_device and x.dim() in (3, 4) and not torch.is_grad_enabled()
 
 
@@ -196,7 +197,8 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, affine_bi
 
 
 class FusedGroupNorm(nn.GroupNorm):
-    """`nn.GroupNorm` (same parameters and state dict) through `group_norm`, optionally followed by SiLU."""
+    """`nn.GroupNorm` (same parameters and state dict) through `group_norm`, optionally followed by SiLU; `forward`
+    also takes a per-image, per-channel `bias` added before the norm."""
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, silu: bool = False, **kwargs):
         super().__init__(num_groups, num_channels, eps=eps, affine=True, **kwargs)
@@ -209,21 +211,18 @@ class FusedGroupNorm(nn.GroupNorm):
         fused.load_state_dict(norm.state_dict())
         return fused
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=self.silu)
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=self.silu, bias=bias)
 
 
 def _fused_resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args, **kwargs):
-    """diffusers' `ResnetBlock2D.forward` for its plain form (no resampling, additive time embedding), with each
-    GroupNorm and the SiLU after it in one call and the time embedding added inside the second."""
-    hidden = group_norm(input_tensor, self.norm1.num_groups, self.norm1.weight, self.norm1.bias, self.norm1.eps,
-                        silu=True)
-    hidden = self.conv1(hidden)
+    """diffusers' `ResnetBlock2D.forward` for its plain form (no resampling, additive time embedding), where norm1
+    and norm2 are `FusedGroupNorm`s with the SiLU after them, and the time embedding is added inside norm2."""
+    hidden = self.conv1(self.norm1(input_tensor))
     time_bias = None
     if self.time_emb_proj is not None and temb is not None:
         time_bias = self.time_emb_proj(temb if self.skip_time_act else self.nonlinearity(temb))
-    hidden = group_norm(hidden, self.norm2.num_groups, self.norm2.weight, self.norm2.bias, self.norm2.eps,
-                        silu=True, bias=time_bias)
+    hidden = self.norm2(hidden, bias=time_bias)
     hidden = self.conv2(self.dropout(hidden))
     shortcut = self.conv_shortcut(input_tensor) if self.conv_shortcut is not None else input_tensor
     return (shortcut + hidden) / self.output_scale_factor
@@ -238,23 +237,24 @@ def _plain_resnet(module: nn.Module) -> bool:
 def fuse_group_norms(model: nn.Module) -> int:
     """Swap the fused kernels into a diffusers UNet, VAE or any module holding such blocks; returns the count.
 
-    Plain `ResnetBlock2D`s get a forward with GroupNorm+SiLU fused (and the time embedding added inside the
-    norm); a model's `conv_norm_out` followed by a SiLU `conv_act` becomes one fused norm; every other
+    Plain `ResnetBlock2D`s get fused GroupNorm+SiLU norms and a forward that uses them (the time embedding added
+    inside the second norm); a model's `conv_norm_out` followed by a SiLU `conv_act` becomes one fused norm; every other
     `nn.GroupNorm` (transformer and attention norms) becomes a `FusedGroupNorm`. Parameters are untouched.
     """
     fused = 0
     for module in list(model.modules()):
         if _plain_resnet(module):
+            module.norm1 = FusedGroupNorm.replacing(module.norm1, silu=True)
+            module.norm2 = FusedGroupNorm.replacing(module.norm2, silu=True)
             module.forward = types.MethodType(_fused_resnet_forward, module)
             fused += 2
         norm, act = getattr(module, "conv_norm_out", None), getattr(module, "conv_act", None)
         if type(norm) is nn.GroupNorm and isinstance(act, nn.SiLU):
             module.conv_norm_out, module.conv_act = FusedGroupNorm.replacing(norm, silu=True), nn.Identity()
             fused += 1
-    skip = {id(getattr(m, name)) for m in model.modules() if _plain_resnet(m) for name in ("norm1", "norm2")}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.GroupNorm and id(child) not in skip:
+            if type(child) is nn.GroupNorm:
                 setattr(parent, name, FusedGroupNorm.replacing(child))
                 fused += 1
     return fused
