@@ -3,10 +3,12 @@
 Prints, in one run (about 6-8 minutes on an H100):
   1. ceilings: a large bf16 matmul and a 3x3 convolution like the UNet's, in TFLOP/s;
   2. the attention kernel at the UNet's 64² self-attention shape (tokens 4096, 8 heads, head dim 40) per SDPA backend;
-  3. one UNet call at the generator's batch (2 x images, classifier-free guidance): FLOPs, ms, TFLOP/s for each
-     `--variants` entry, and a kernel-time breakdown (convolution / matmul / attention / the rest) from the profiler;
+  3. one UNet call at the generator's batch (2 x images, classifier-free guidance, both halves the same latents as
+     in img2img): FLOPs, ms, TFLOP/s for each `--variants` entry, and a kernel-time breakdown (convolution / matmul
+     / attention / the rest) from the profiler;
   4. the VAE encoder and decoder per image;
-  5. one whole `DiffusionSampler.img2img` batch against its UNet share (steps x one UNet call).
+  5. one whole `DiffusionSampler.img2img` batch against its UNet share (steps x one UNet call), and the GPU's
+     kernel time within it (the rest is the GPU waiting for the host).
 
     python benchmarks/profile_generation.py [--images 32] [--variants eager,compile]
 """
@@ -26,18 +28,23 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from benchmarks.cuda_timing import cuda_time  # noqa: E402
+from semantic_aug import fused_geglu  # noqa: E402
 from semantic_aug.augmentations import sampler as sampler_module  # noqa: E402
 from semantic_aug.augmentations.sampler import DiffusionSampler  # noqa: E402
+from semantic_aug.guidance_prefix import paired_halves  # noqa: E402
 from semantic_aug.stable_diffusion import build_random_sd_v1, cache_root, save_stable_diffusion  # noqa: E402
 from semantic_aug.utils import UserError, run_cli  # noqa: E402
 
 STEPS, STRENGTH, GUIDANCE = 50, 0.7, 15.0
-VARIANTS = {  # name -> (compile_model, compile_mode, channels_last, extra inductor options)
-    "eager": (False, "default", True, {}),
-    "compile": (True, "default", True, {}),
-    "compile-cg": (True, "reduce-overhead", True, {}),
-    "compile-nchw": (True, "default", False, {}),
-    "compile-cdt": (True, "default", True, {"coordinate_descent_tuning": True}),
+ALL_SPEEDUPS = ("geglu", "prefix")  # the sampler's fused GEGLU matmul and its guidance prefix computed once
+VARIANTS = {  # name -> (compile_model, compile_mode, channels_last, extra inductor options, speed-ups on)
+    "eager": (False, "default", True, {}, ALL_SPEEDUPS),
+    "compile": (True, "default", True, {}, ALL_SPEEDUPS),
+    "compile-session2": (True, "default", True, {}, ()),  # as of session 2: fused GroupNorm only
+    "compile-geglu": (True, "default", True, {}, ("geglu",)),
+    "compile-cg": (True, "reduce-overhead", True, {}, ALL_SPEEDUPS),
+    "compile-nchw": (True, "default", False, {}, ALL_SPEEDUPS),
+    "compile-cdt": (True, "default", True, {"coordinate_descent_tuning": True}, ALL_SPEEDUPS),
 }
 
 
@@ -56,7 +63,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=32, help="images per generator call (UNet batch is twice that)")
     parser.add_argument("--variants", default="eager,compile",
-                        help="comma-separated sampler variants: eager, compile, compile-cg (reduce-overhead)")
+                        help=f"comma-separated sampler variants: {', '.join(VARIANTS)}")
     parser.add_argument("--attention", default="cudnn", help="SDPA backend the variants prefer")
     parser.add_argument("--gn-config", default=None,
                         help="fused GroupNorm kernel configuration tile,warps,stats_tiles,normalize_tiles "
@@ -150,32 +157,47 @@ def kernel_breakdown(function, label: str, top_kernels: int = 14) -> None:
 
 
 def unet_flops(sampler: DiffusionSampler, rows: int) -> float:
+    """The FLOPs of one UNet call as the algorithm defines it: both guidance halves in full, and the GEGLU matmul
+    through PyTorch (the flop counter cannot see inside the fused kernel)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     sample = torch.randn(rows, 4, 64, 64, device="cuda")
     text = torch.randn(rows, 77, 768, device="cuda", dtype=sampler.dtype)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        sampler._unet_forward(sample, torch.tensor(500, device="cuda"), text)
+    kernels_apply, fused_geglu.kernels_apply = fused_geglu.kernels_apply, lambda x: False
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            sampler._unet_forward(sample, torch.tensor(500, device="cuda"), text)
+    finally:
+        fused_geglu.kernels_apply = kernels_apply
     return counter.get_total_flops()
 
 
 def profile_variant(model_path: str, variant: str, args) -> None:
     from PIL import Image
 
-    compile_model, mode, channels_last, extra = VARIANTS[variant]
+    compile_model, mode, channels_last, extra, speedups = VARIANTS[variant]
     LayoutSampler.channels_last = channels_last
-    saved_options = dict(sampler_module.INDUCTOR_OPTIONS)
+    saved = dict(sampler_module.INDUCTOR_OPTIONS), sampler_module.fuse_geglu, sampler_module.share_guidance_prefix
     sampler_module.INDUCTOR_OPTIONS.update(extra)
+    if "geglu" not in speedups:
+        sampler_module.fuse_geglu = lambda model: 0
+    if "prefix" not in speedups:
+        sampler_module.share_guidance_prefix = lambda unet: []
     sampler = LayoutSampler.from_pretrained(model_path, device="cuda", dtype=torch.bfloat16,
                                             compile_model=compile_model, compile_mode=mode,
                                             attention_backend=args.attention)
     rows = 2 * args.images
-    sample = torch.randn(rows, 4, 64, 64, device="cuda")
+    latents = torch.randn(args.images, 4, 64, 64, device="cuda")
+    sample = torch.cat([latents, latents])  # guidance: both halves hold the same latents
     text = torch.randn(rows, 77, 768, device="cuda", dtype=torch.bfloat16)
     timestep = torch.tensor(500, device="cuda")
     start = time.perf_counter()
+
+    def call():
+        with paired_halves(sampler._shared_prefix):
+            return sampler._run_static("unet", sampler._unet_call, sample, timestep, text, paired=True)
+
     with torch.no_grad(), sampler._attention():
-        call = lambda: sampler._run_static("unet", sampler._unet_call, sample, timestep, text)  # noqa: E731
         call()
         torch.cuda.synchronize()
         warm = time.perf_counter() - start
@@ -204,8 +226,11 @@ def profile_variant(model_path: str, variant: str, args) -> None:
     seconds = (time.perf_counter() - start) / 2
     print(f"[{variant}] img2img batch {len(batch)}: {seconds * 1e3:.0f} ms = {len(batch) / seconds:.2f} img/s "
           f"(UNet share {35 * ms / 1e3 / seconds * 100:.0f}%)", flush=True)
+    kernel_breakdown(lambda: generate().pil(len(batch) - 1), f"img2img batch ({variant}, wall {seconds * 1e3:.0f} ms)",
+                     top_kernels=4)
     sampler_module.INDUCTOR_OPTIONS.clear()
-    sampler_module.INDUCTOR_OPTIONS.update(saved_options)
+    sampler_module.INDUCTOR_OPTIONS.update(saved[0])
+    sampler_module.fuse_geglu, sampler_module.share_guidance_prefix = saved[1:]
     del sampler
     torch._dynamo.reset()
     torch.cuda.empty_cache()

@@ -14,11 +14,13 @@ One call turns a batch of real images into synthetic ones, each with its own pro
    memory without waiting: `GeneratedImages` waits only when a writer thread asks for the pixels, so PNG
    writing overlaps the next batch on the GPU.
 
-The speed options change no arithmetic of the algorithm: bf16 weights are the caller's `dtype`; fused QKV
-projections, channels_last, cuDNN autotuning and the fused GroupNorm+SiLU kernels of
-`semantic_aug.fused_group_norm` are always on for CUDA; `compile_model` adds `torch.compile` of
-the UNet and the VAE decoder (batches are padded to a fixed size so one compiled graph serves every batch);
-`attention_backend` picks the SDPA kernel.
+The speed options change no arithmetic of the algorithm: bf16 weights are the caller's `dtype`; the UNet computes
+the part before its first cross-attention once for both guidance halves (`semantic_aug.guidance_prefix`) and
+fuses its QKV projections; channels_last, cuDNN autotuning, the fused GroupNorm+SiLU kernels of
+`semantic_aug.fused_group_norm` and the fused GEGLU matmul of `semantic_aug.fused_geglu` are on for CUDA;
+`compile_model` adds `torch.compile` of the UNet and the VAE decoder (batches are padded to a fixed size so one
+compiled graph serves every batch); `attention_backend` picks the SDPA kernel. Host-to-device copies do not wait
+for the GPU, so the next batch is prepared while the previous one still runs.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from semantic_aug.fused_geglu import fuse_geglu
 from semantic_aug.fused_group_norm import fuse_group_norms
+from semantic_aug.guidance_prefix import paired_halves, share_guidance_prefix
 from semantic_aug.utils import UserError
 
 logger = logging.getLogger(__name__)
@@ -186,6 +190,7 @@ class DiffusionSampler:
         if self.device.type == "cuda":
             fuse_group_norms(self.unet)  # GroupNorm(+SiLU) kernels that read channels_last as it lies
             fuse_group_norms(self.vae)
+            fuse_geglu(self.unet)  # the feed-forward's 8x-wide projection never reaches memory
             self.unet.to(memory_format=self.memory_format)
             self.vae.to(memory_format=self.memory_format)
             torch.backends.cudnn.benchmark = True  # the batch shape is fixed, so autotuning convolutions pays off
@@ -200,6 +205,7 @@ class DiffusionSampler:
             self._unet_call = torch.compile(self._unet_forward, fullgraph=False, dynamic=False, options=options)
             self._decode_call = torch.compile(self._vae_decode, dynamic=False,
                                               options=inductor.list_mode_options("default"))
+        self._shared_prefix = share_guidance_prefix(self.unet)  # after the fused norms: it wraps their forwards
 
     def _unet_forward(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return self.unet(sample.to(self.dtype), timestep, encoder_hidden_states=text, return_dict=False)[0]
@@ -207,27 +213,40 @@ class DiffusionSampler:
     def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(latents.to(self.dtype), return_dict=False)[0]
 
-    def _run_static(self, kind: str, function, *tensors: torch.Tensor) -> torch.Tensor:
+    def _run_static(self, kind: str, function, *tensors: torch.Tensor, paired: bool = False) -> torch.Tensor:
         """`function(*tensors)` on inputs of one memory layout; compiled, batches are padded (with copies of row 0)
-        to the largest seen so far, so that one graph serves every batch."""
+        to the largest seen so far, so that one graph serves every batch. `paired` rows are two halves (guidance)
+        padded each on its own, so that row i of one half still meets row i of the other."""
         rows = tensors[0].shape[0]
         target = rows
         if self.compile_model:
             self._static_rows[kind] = target = max(self._static_rows[kind], rows)
-        tensors = tuple(self._static_input(t, target) for t in tensors)
+        tensors = tuple(self._static_input(t, target, paired) for t in tensors)
         if self._cudagraphs:
             # a CUDA-graph replay reuses its output buffers: mark the step and copy the rows out before the next one
             torch.compiler.cudagraph_mark_step_begin()
-            return function(*tensors)[:rows].clone()
-        return function(*tensors)[:rows]
+        out = function(*tensors)
+        if paired and target > rows:
+            out = torch.cat([out[: rows // 2], out[target // 2: target // 2 + rows // 2]])
+        else:
+            out = out[:rows].clone() if self._cudagraphs else out[:rows]
+        return out
 
-    def _static_input(self, tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    def _static_input(self, tensor: torch.Tensor, rows: int, paired: bool = False) -> torch.Tensor:
         if tensor.dim() == 0:
             return tensor
-        if tensor.shape[0] < rows:
+        if paired and tensor.shape[0] < rows:
+            tensor = torch.cat([self._static_input(half, rows // 2) for half in tensor.chunk(2)])
+        elif tensor.shape[0] < rows:
             tensor = torch.cat([tensor, tensor[:1].expand(rows - tensor.shape[0], *tensor.shape[1:])])
         # one layout for every call (CPU convolutions may return channels_last): no recompilation on strides
         return tensor.contiguous(memory_format=self.memory_format if tensor.dim() == 4 else torch.contiguous_format)
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A CPU tensor on the device without waiting for the GPU's queue (pinned memory, asynchronous copy)."""
+        if self.device.type != "cuda":
+            return tensor.to(self.device)
+        return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def _attention(self):
         """The SDPA kernel preference, as a context (the others stay as fall-backs for shapes it cannot run)."""
@@ -255,10 +274,10 @@ class DiffusionSampler:
         """Text-encoder states (len(prompts), 77, width) for `prompts`; each distinct prompt is encoded once."""
         unique = list(dict.fromkeys(prompts))
         ids = self.tokenizer(unique, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-                             return_tensors="pt").input_ids.to(self.device)
-        states = self.text_encoder(ids)[0]
+                             return_tensors="pt").input_ids
+        states = self.text_encoder(self._to_device(ids))[0]
         position = {prompt: i for i, prompt in enumerate(unique)}
-        return states[torch.tensor([position[p] for p in prompts], device=self.device)]
+        return states[self._to_device(torch.tensor([position[p] for p in prompts]))]
 
     def unconditional(self, rows: int) -> torch.Tensor:
         """The empty prompt's text states, repeated `rows` times (encoded once per sampler)."""
@@ -268,7 +287,7 @@ class DiffusionSampler:
 
     def to_model_input(self, image) -> torch.Tensor:
         """A PIL image as a (1, 3, side, side) tensor in [-1, 1] on the device (bilinear, antialiased resize)."""
-        pixels = torch.from_numpy(np.array(image.convert("RGB"))).to(self.device).permute(2, 0, 1)[None]
+        pixels = self._to_device(torch.from_numpy(np.array(image.convert("RGB")))).permute(2, 0, 1)[None]
         pixels = F.interpolate(pixels.float() / 255.0, size=(self.resolution, self.resolution), mode="bilinear",
                                antialias=True, align_corners=False)
         return pixels * 2.0 - 1.0
@@ -278,7 +297,7 @@ class DiffusionSampler:
         radius = round(self.mask_grow_radius * self.resolution / REFERENCE_RESOLUTION)
         prepared = []
         for mask in masks:
-            mask = torch.from_numpy(np.asarray(mask) > 0).to(self.device, torch.float32)[None, None]
+            mask = self._to_device(torch.from_numpy(np.asarray(mask) > 0)).float()[None, None]
             mask = F.interpolate(mask, size=(self.resolution, self.resolution), mode="nearest")
             if radius > 0:
                 mask = F.max_pool2d(mask, kernel_size=2 * radius + 1, stride=1, padding=radius)
@@ -286,8 +305,9 @@ class DiffusionSampler:
         return torch.cat(prepared)
 
     def timesteps_for(self, strength: float) -> torch.Tensor:
-        """Set the scheduler up for img2img at `strength` and return the timesteps to run (diffusers' convention)."""
-        self.scheduler.set_timesteps(self.num_inference_steps, device=self.device)
+        """Set the scheduler up for img2img at `strength` and return the timesteps to run (diffusers' convention),
+        on the CPU (the caller copies them to the device without waiting for the GPU)."""
+        self.scheduler.set_timesteps(self.num_inference_steps)
         init_steps = min(int(self.num_inference_steps * strength), self.num_inference_steps)
         if init_steps < 1:
             raise UserError(f"strength {strength} with {self.num_inference_steps} inference steps runs no denoising "
@@ -339,11 +359,12 @@ class DiffusionSampler:
             for generator in generators:
                 posterior_draws.append(torch.randn(latent_shape, generator=generator))
                 noise.append(torch.randn(latent_shape, generator=generator))
-            rows = torch.tensor(rows, device=self.device)
-            clean = (mean[rows] + std[rows] * torch.stack(posterior_draws).to(self.device)) * self.scaling_factor
-            noise = torch.stack(noise).to(self.device)
+            rows = self._to_device(torch.tensor(rows))
+            clean = (mean[rows] + std[rows] * self._to_device(torch.stack(posterior_draws))) * self.scaling_factor
+            noise = self._to_device(torch.stack(noise))
             # 4. noise to the strength's first timestep, then denoise with guidance
-            timesteps = self.timesteps_for(strength)
+            schedule = self.timesteps_for(strength)
+            timesteps = self._to_device(schedule)
             latents = self.scheduler.add_noise(clean, noise, timesteps[:1].repeat(count))
             latent_mask, unet_extra = None, None
             if masks is not None:
@@ -356,12 +377,14 @@ class DiffusionSampler:
             elif self.inpainting_unet:
                 raise UserError("this model is an inpainting model (9-channel UNet); it needs --mask 1")
             step_kwargs = {"generator": generators} if self.step_takes_generator else {}
-            schedule = timesteps.tolist()  # python ints for the scheduler: no device sync inside the loop
+            schedule = schedule.tolist()  # python ints for the scheduler
             for i, t in enumerate(timesteps):
                 model_input = self.scheduler.scale_model_input(torch.cat([latents, latents]), schedule[i])
                 if unet_extra is not None:
                     model_input = torch.cat([model_input, unet_extra], dim=1)
-                prediction = self._run_static("unet", self._unet_call, model_input, t, text).float()
+                with paired_halves(self._shared_prefix):  # both halves hold the same latents
+                    prediction = self._run_static("unet", self._unet_call, model_input, t, text, paired=True)
+                prediction = prediction.float()
                 unconditional, conditional = prediction.chunk(2)
                 guided = unconditional + guidance_scale * (conditional - unconditional)
                 latents = self.scheduler.step(guided, schedule[i], latents, return_dict=False, **step_kwargs)[0]
