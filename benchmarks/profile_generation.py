@@ -163,7 +163,7 @@ def unet_flops(sampler: DiffusionSampler, rows: int) -> float:
 
     sample = torch.randn(rows, 4, 64, 64, device="cuda")
     text = torch.randn(rows, 77, 768, device="cuda", dtype=sampler.dtype)
-    kernels_apply, fused_geglu.kernels_apply = fused_geglu.kernels_apply, lambda x: False
+    kernels_apply, fused_geglu.kernels_apply = fused_geglu.kernels_apply, lambda x, weight: False
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             sampler._unet_forward(sample, torch.tensor(500, device="cuda"), text)

@@ -25,51 +25,53 @@ from semantic_aug.fused_group_norm import INTERPRETED, triton
 
 if triton is not None:
     import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    def _set_tile_shapes(args: dict) -> None:
+        """Autotuning tries tiles of several sizes: give the tensor descriptors each configuration's tile."""
+        block_m, block_n, block_k = args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_K"]
+        args["x_desc"].block_shape = [block_m, block_k]
+        args["value_desc"].block_shape = args["gate_desc"].block_shape = [block_n, block_k]
+        args["out_desc"].block_shape = [block_m, block_n]
 
     def _configs() -> list:
-        if INTERPRETED:  # the CPU interpreter: one small tile, so tests take seconds
-            return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2})]
-        tiles = ((128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (256, 64, 64, 8, 3),
-                 (64, 256, 64, 8, 3), (128, 128, 32, 8, 4))
-        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=warps,
-                              num_stages=stages) for m, n, k, warps, stages in tiles]
+        if INTERPRETED:  # the CPU interpreter: one small tile, so tests take seconds (they swap in the other kind)
+            tiles = ((32, 32, 32, 4, 1, 0),)
+        else:  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, persistent); two fp32 accumulators of BLOCK_M x BLOCK_N
+            tiles = ((128, 128, 64, 8, 3, 0), (128, 64, 64, 4, 3, 0), (64, 128, 64, 4, 3, 0), (128, 64, 64, 4, 2, 0),
+                     (128, 128, 64, 8, 3, 1), (128, 128, 64, 8, 4, 1), (128, 64, 64, 4, 3, 1), (128, 64, 64, 4, 4, 1),
+                     (64, 128, 64, 4, 3, 1))
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "PERSISTENT": persistent},
+                              num_warps=warps, num_stages=stages, pre_hook=_set_tile_shapes)
+                for m, n, k, warps, stages, persistent in tiles]
 
     @triton.autotune(configs=_configs(), key=["M", "N", "K"])
     @triton.jit
-    def _geglu_matmul(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-        # programs walk GROUP_M row tiles per column tile, so neighbours share input rows in L2
-        pid = tl.program_id(0)
+    def _geglu_matmul(x_desc, value_desc, gate_desc, b_ptr, out_desc, M, N, K, HAS_BIAS: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                      PERSISTENT: tl.constexpr):
+        # one tile per program, or (PERSISTENT) one program per SM walking tiles, loading the next tile's inputs
+        # while it finishes the last (the loops are flattened for the pipeliner)
         tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
         per_group = GROUP_M * tiles_n
-        first_m = (pid // per_group) * GROUP_M
-        group_m = min(tiles_m - first_m, GROUP_M)
-        tile_m = first_m + (pid % per_group) % group_m
-        tile_n = (pid % per_group) // group_m
-        rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        ks = tl.arange(0, BLOCK_K)
-        row_ok, col_ok = rows < M, cols < N
-        x_tile = x_ptr + rows[:, None].to(tl.int64) * K + ks[None, :]
-        value_tile = w_ptr + cols[None, :].to(tl.int64) * K + ks[:, None]  # W is (2N, K): value rows, then gate rows
-        gate_tile = value_tile + N * K
-        value = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            k_ok = ks < K - k
-            a = tl.load(x_tile, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w_ok = k_ok[:, None] & col_ok[None, :]
-            value = tl.dot(a, tl.load(value_tile, mask=w_ok, other=0.0), value)
-            gate = tl.dot(a, tl.load(gate_tile, mask=w_ok, other=0.0), gate)
-            x_tile += BLOCK_K
-            value_tile += BLOCK_K
-            gate_tile += BLOCK_K
-        if HAS_BIAS:
-            value += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            gate += tl.load(b_ptr + N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        out = value * (0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476)))
-        where = out_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
-        tl.store(where, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, tl.num_programs(0), flatten=True):
+            # tiles walk GROUP_M row tiles per column tile, so neighbours share input rows in L2
+            first_m = (tile // per_group) * GROUP_M
+            group_m = min(tiles_m - first_m, GROUP_M)
+            row = (first_m + (tile % per_group) % group_m) * BLOCK_M
+            col = ((tile % per_group) // group_m) * BLOCK_N
+            value = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for step in range(tl.cdiv(K, BLOCK_K)):  # the tensor descriptors fill tiles past the edges with zeros
+                x = x_desc.load([row, step * BLOCK_K])
+                value = tl.dot(x, value_desc.load([col, step * BLOCK_K]).T, value)
+                gate = tl.dot(x, gate_desc.load([col, step * BLOCK_K]).T, gate)
+            if HAS_BIAS:
+                cols = col + tl.arange(0, BLOCK_N)
+                value += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+                gate += tl.load(b_ptr + N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+            out = value * (0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476)))
+            out_desc.store([row, col], out.to(out_desc.dtype))  # clipped at the edges
 
     @torch.library.custom_op("diagen::geglu", mutates_args=())
     def _geglu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -81,25 +83,38 @@ if triton is not None:
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (M, K) and the Linear's weight (2N, K), bias (2N,) or None -> (M, N), in x's dtype."""
+    """x (M, K) and the Linear's weight (2N, K), bias (2N,) or None -> (M, N), in x's dtype (see `kernels_apply`)."""
     x, weight = x.contiguous(), weight.contiguous()
     rows, width = x.shape
     half = weight.shape[0] // 2
     out = x.new_empty(rows, half)
-    has_bias = bias is not None
-    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(half, meta["BLOCK_N"]),)  # noqa: E731
-    _geglu_matmul[grid](x, weight, bias if has_bias else weight, out, rows, half, width, HAS_BIAS=has_bias)
+    tile = [16, 16]  # placeholders: each autotuning configuration sets its own tile shapes
+    descriptors = [TensorDescriptor.from_tensor(tensor, tile) for tensor in (x, weight[:half], weight[half:], out)]
+
+    def grid(meta):
+        tiles = triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(half, meta["BLOCK_N"])
+        return (min(tiles, _multiprocessors(x.device)) if meta["PERSISTENT"] else tiles,)
+
+    _geglu_matmul[grid](descriptors[0], descriptors[1], descriptors[2], bias if bias is not None else weight,
+                        descriptors[3], rows, half, width, HAS_BIAS=bias is not None)
     return out
 
 
-def kernels_apply(x: torch.Tensor) -> bool:
-    """Whether `geglu` runs the Triton kernel: a CUDA tensor (or the interpreter's CPU one), autograd off."""
-    return triton is not None and (x.is_cuda or INTERPRETED) and not torch.is_grad_enabled()
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def kernels_apply(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `geglu` runs the Triton kernel: a CUDA tensor (or the interpreter's CPU one), autograd off, half
+    precision (the kernel's fp32 matmul would be TF32), widths a multiple of 8 (16-byte rows for the tile copies)."""
+    return (triton is not None and (x.is_cuda or INTERPRETED) and not torch.is_grad_enabled()
+            and x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype
+            and x.shape[-1] % 8 == 0 and weight.shape[0] % 16 == 0)
 
 
 def geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`value * gelu(gate)` where `value, gate = (x @ weight.T + bias).chunk(2, -1)`, over x's last dimension."""
-    if kernels_apply(x):
+    if kernels_apply(x, weight):
         out = _geglu_op(x.reshape(-1, x.shape[-1]), weight, bias)
         return out.reshape(*x.shape[:-1], out.shape[-1])
     value, gate = F.linear(x, weight, bias).chunk(2, dim=-1)
