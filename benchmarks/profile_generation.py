@@ -28,7 +28,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from benchmarks.cuda_timing import cuda_time  # noqa: E402
-from semantic_aug import fused_geglu  # noqa: E402
 from semantic_aug.augmentations import sampler as sampler_module  # noqa: E402
 from semantic_aug.augmentations.sampler import DiffusionSampler  # noqa: E402
 from semantic_aug.guidance_prefix import paired_halves  # noqa: E402
@@ -36,15 +35,13 @@ from semantic_aug.stable_diffusion import build_random_sd_v1, cache_root, save_s
 from semantic_aug.utils import UserError, run_cli  # noqa: E402
 
 STEPS, STRENGTH, GUIDANCE = 50, 0.7, 15.0
-ALL_SPEEDUPS = ("geglu", "prefix")  # the sampler's fused GEGLU matmul and its guidance prefix computed once
-VARIANTS = {  # name -> (compile_model, compile_mode, channels_last, extra inductor options, speed-ups on)
-    "eager": (False, "default", True, {}, ALL_SPEEDUPS),
-    "compile": (True, "default", True, {}, ALL_SPEEDUPS),
-    "compile-session2": (True, "default", True, {}, ()),  # as of session 2: fused GroupNorm only
-    "compile-geglu": (True, "default", True, {}, ("geglu",)),
-    "compile-cg": (True, "reduce-overhead", True, {}, ALL_SPEEDUPS),
-    "compile-nchw": (True, "default", False, {}, ALL_SPEEDUPS),
-    "compile-cdt": (True, "default", True, {"coordinate_descent_tuning": True}, ALL_SPEEDUPS),
+VARIANTS = {  # name -> (compile_model, compile_mode, channels_last, extra inductor options, guidance prefix once)
+    "eager": (False, "default", True, {}, True),
+    "compile": (True, "default", True, {}, True),
+    "compile-no-prefix": (True, "default", True, {}, False),  # both guidance halves computed in full
+    "compile-cg": (True, "reduce-overhead", True, {}, True),
+    "compile-nchw": (True, "default", False, {}, True),
+    "compile-cdt": (True, "default", True, {"coordinate_descent_tuning": True}, True),
 }
 
 
@@ -157,31 +154,24 @@ def kernel_breakdown(function, label: str, top_kernels: int = 14) -> None:
 
 
 def unet_flops(sampler: DiffusionSampler, rows: int) -> float:
-    """The FLOPs of one UNet call as the algorithm defines it: both guidance halves in full, and the GEGLU matmul
-    through PyTorch (the flop counter cannot see inside the fused kernel)."""
+    """The FLOPs of one UNet call as the algorithm defines it (both guidance halves in full)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     sample = torch.randn(rows, 4, 64, 64, device="cuda")
     text = torch.randn(rows, 77, 768, device="cuda", dtype=sampler.dtype)
-    kernels_apply, fused_geglu.kernels_apply = fused_geglu.kernels_apply, lambda x, weight: False
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            sampler._unet_forward(sample, torch.tensor(500, device="cuda"), text)
-    finally:
-        fused_geglu.kernels_apply = kernels_apply
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        sampler._unet_forward(sample, torch.tensor(500, device="cuda"), text)
     return counter.get_total_flops()
 
 
 def profile_variant(model_path: str, variant: str, args) -> None:
     from PIL import Image
 
-    compile_model, mode, channels_last, extra, speedups = VARIANTS[variant]
+    compile_model, mode, channels_last, extra, share_prefix = VARIANTS[variant]
     LayoutSampler.channels_last = channels_last
-    saved = dict(sampler_module.INDUCTOR_OPTIONS), sampler_module.fuse_geglu, sampler_module.share_guidance_prefix
+    saved = dict(sampler_module.INDUCTOR_OPTIONS), sampler_module.share_guidance_prefix
     sampler_module.INDUCTOR_OPTIONS.update(extra)
-    if "geglu" not in speedups:
-        sampler_module.fuse_geglu = lambda model: 0
-    if "prefix" not in speedups:
+    if not share_prefix:
         sampler_module.share_guidance_prefix = lambda unet: []
     sampler = LayoutSampler.from_pretrained(model_path, device="cuda", dtype=torch.bfloat16,
                                             compile_model=compile_model, compile_mode=mode,
@@ -230,7 +220,7 @@ def profile_variant(model_path: str, variant: str, args) -> None:
                      top_kernels=4)
     sampler_module.INDUCTOR_OPTIONS.clear()
     sampler_module.INDUCTOR_OPTIONS.update(saved[0])
-    sampler_module.fuse_geglu, sampler_module.share_guidance_prefix = saved[1:]
+    sampler_module.share_guidance_prefix = saved[1]
     del sampler
     torch._dynamo.reset()
     torch.cuda.empty_cache()

@@ -17,7 +17,7 @@ One call turns a batch of real images into synthetic ones, each with its own pro
 The speed options change no arithmetic of the algorithm: bf16 weights are the caller's `dtype`; the UNet computes
 the part before its first cross-attention once for both guidance halves (`semantic_aug.guidance_prefix`) and
 fuses its QKV projections; channels_last, cuDNN autotuning, the fused GroupNorm+SiLU kernels of
-`semantic_aug.fused_group_norm` and the fused GEGLU matmul of `semantic_aug.fused_geglu` are on for CUDA;
+`semantic_aug.fused_group_norm` are on for CUDA;
 `compile_model` adds `torch.compile` of the UNet and the VAE decoder (batches are padded to a fixed size so one
 compiled graph serves every batch); `attention_backend` picks the SDPA kernel. Host-to-device copies do not wait
 for the GPU, so the next batch is prepared while the previous one still runs.
@@ -38,7 +38,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from semantic_aug.fused_geglu import fuse_geglu
 from semantic_aug.fused_group_norm import fuse_group_norms
 from semantic_aug.guidance_prefix import paired_halves, share_guidance_prefix
 from semantic_aug.utils import UserError
@@ -190,7 +189,6 @@ class DiffusionSampler:
         if self.device.type == "cuda":
             fuse_group_norms(self.unet)  # GroupNorm(+SiLU) kernels that read channels_last as it lies
             fuse_group_norms(self.vae)
-            fuse_geglu(self.unet)  # the feed-forward's 8x-wide projection never reaches memory
             self.unet.to(memory_format=self.memory_format)
             self.vae.to(memory_format=self.memory_format)
             torch.backends.cudnn.benchmark = True  # the batch shape is fixed, so autotuning convolutions pays off
