@@ -16,11 +16,11 @@ One call turns a batch of real images into synthetic ones, each with its own pro
 
 The speed options change no arithmetic of the algorithm: bf16 weights are the caller's `dtype`; the UNet computes
 the part before its first cross-attention once for both guidance halves (`semantic_aug.guidance_prefix`) and
-fuses its QKV projections; channels_last, cuDNN autotuning, the fused GroupNorm+SiLU kernels of
-`semantic_aug.fused_group_norm` are on for CUDA;
-`compile_model` adds `torch.compile` of the UNet and the VAE decoder (batches are padded to a fixed size so one
-compiled graph serves every batch); `attention_backend` picks the SDPA kernel. Host-to-device copies do not wait
-for the GPU, so the next batch is prepared while the previous one still runs.
+fuses its QKV projections; channels_last, cuDNN autotuning and the fused GroupNorm+SiLU kernels of
+`semantic_aug.fused_group_norm` are on for CUDA; `compile_model` adds `torch.compile` of the UNet and the VAE
+decoder (batches are padded to a fixed size so one compiled graph serves every batch); `attention_backend` picks
+the SDPA kernel. Host-to-device copies do not wait for the GPU, so the next batch is prepared while the previous
+one still runs.
 """
 
 from __future__ import annotations
