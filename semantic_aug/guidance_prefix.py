@@ -57,8 +57,9 @@ def share_guidance_prefix(unet: nn.Module) -> list[nn.Module]:
             shared.append(first.attn1)
         break
     for module in shared:
-        module.paired = False
-        module.forward = _run_paired_once(module, module.forward)
+        if not hasattr(module, "paired"):  # a second sampler over the same UNet must not halve the rows twice
+            module.paired = False
+            module.forward = _run_paired_once(module, module.forward)
     return shared
 
 

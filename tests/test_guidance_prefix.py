@@ -23,6 +23,7 @@ def test_shared_prefix_gives_the_same_output_and_runs_half_the_rows(tiny_model_p
     with torch.no_grad():
         expected = unet(sample, 500, encoder_hidden_states=text).sample
         shared = share_guidance_prefix(unet)
+        assert share_guidance_prefix(unet) == shared  # a second sampler over the same UNet wraps nothing again
         rows_seen = []
         hook = shared[0].conv1.register_forward_hook(lambda module, args, out: rows_seen.append(args[0].shape[0]))
         with paired_halves(shared):
