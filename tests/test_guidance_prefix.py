@@ -77,3 +77,17 @@ def test_static_batches_pad_each_guidance_half(tiny_model_path):
     torch.testing.assert_close(sample_in[:4], sample_in[4:])  # the halves still hold the same latents
     assert text_in[:, 0].tolist() == [0, 1, 2, 0, 3, 4, 5, 3]  # each half padded with its own first row
     torch.testing.assert_close(out, torch.cat([latents, latents]) * 2)  # the real rows, in order
+
+
+def test_img2img_runs_the_prefix_on_one_half():
+    """The sampler's UNet calls are paired: the shared ResNet sees each image once per step, not twice."""
+    from PIL import Image
+
+    sampler = DiffusionSampler.from_pretrained("tiny", num_inference_steps=4)
+    rows_seen = []
+    hook = sampler._shared_prefix[0].conv1.register_forward_hook(
+        lambda module, args, out: rows_seen.append(args[0].shape[0]))
+    images = [Image.new("RGB", (40, 30), (200, 30, 90)), Image.new("RGB", (40, 30), (20, 130, 90))]
+    sampler.img2img(images, ["a cat", "a dog"], [1, 2], strength=0.5, guidance_scale=7.5)
+    hook.remove()
+    assert rows_seen == [2] * len(sampler.timesteps_for(0.5))  # every UNet call, on 2 of its 4 rows

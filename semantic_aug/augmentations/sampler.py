@@ -346,7 +346,8 @@ class DiffusionSampler:
         count = len(images)
         if not (len(prompts) == len(seeds) == count and (masks is None or len(masks) == count)):
             raise ValueError("images, prompts, seeds (and masks) must have one entry per image")
-        with torch.no_grad(), self._attention():
+        # every UNet call below gets the rows [latents, latents]: the guidance prefix runs once for both halves
+        with torch.no_grad(), self._attention(), paired_halves(self._shared_prefix):
             # 1. text states: unconditional rows first, then one per prompt (classifier-free guidance)
             text = torch.cat([self.unconditional(count), self.encode_prompts(prompts)])
             # 2. distinct images -> VAE posterior; 3. per-image generators: posterior sample, then noise
@@ -380,9 +381,7 @@ class DiffusionSampler:
                 model_input = self.scheduler.scale_model_input(torch.cat([latents, latents]), schedule[i])
                 if unet_extra is not None:
                     model_input = torch.cat([model_input, unet_extra], dim=1)
-                with paired_halves(self._shared_prefix):  # both halves hold the same latents
-                    prediction = self._run_static("unet", self._unet_call, model_input, t, text, paired=True)
-                prediction = prediction.float()
+                prediction = self._run_static("unet", self._unet_call, model_input, t, text, paired=True).float()
                 unconditional, conditional = prediction.chunk(2)
                 guided = unconditional + guidance_scale * (conditional - unconditional)
                 latents = self.scheduler.step(guided, schedule[i], latents, return_dict=False, **step_kwargs)[0]
