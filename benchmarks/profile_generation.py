@@ -8,7 +8,10 @@ Prints, in one run (about 6-8 minutes on an H100):
      / attention / the rest) from the profiler;
   4. the VAE encoder and decoder per image;
   5. one whole `DiffusionSampler.img2img` batch against its UNet share (steps x one UNet call), and the GPU's
-     kernel time within it (the rest is the GPU waiting for the host).
+     kernel time within it (the rest is the GPU waiting for the host);
+  6. overlap: a batch's 35 UNet calls and the VAE decode of the previous batch one after the other, against the
+     decode on a second CUDA stream beside the calls (would moving the decode off the UNet's stream pay?), and
+     the decode in chunks of 8 against one chunk of the whole batch.
 
     python benchmarks/profile_generation.py [--images 32] [--variants eager,compile]
 """
@@ -68,7 +71,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cudnn-benchmark-limit", type=int, default=None,
                         help="cuDNN algorithms tried per convolution (0 = all; PyTorch's default is 10)")
     parser.add_argument("--top-kernels", type=int, default=14, help="kernels listed per profile")
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: ceilings, attention (GroupNorm: bench_group_norm.py)")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated parts to skip: ceilings, attention, overlap (GroupNorm: bench_group_norm.py)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats of each measurement (median)")
     return parser.parse_args()
 
@@ -218,12 +222,47 @@ def profile_variant(model_path: str, variant: str, args) -> None:
           f"(UNet share {35 * ms / 1e3 / seconds * 100:.0f}%)", flush=True)
     kernel_breakdown(lambda: generate().pil(len(batch) - 1), f"img2img batch ({variant}, wall {seconds * 1e3:.0f} ms)",
                      top_kernels=4)
+    if "overlap" not in set(args.skip.split(",")):
+        with torch.no_grad(), sampler._attention():
+            overlap(sampler, call, args.images, variant)
     sampler_module.INDUCTOR_OPTIONS.clear()
     sampler_module.INDUCTOR_OPTIONS.update(saved[0])
     sampler_module.share_guidance_prefix = saved[1]
     del sampler
     torch._dynamo.reset()
     torch.cuda.empty_cache()
+
+
+def overlap(sampler: DiffusionSampler, unet_call, images: int, variant: str, steps: int = 35) -> None:
+    """Part 6: one batch's UNet calls with the previous batch's VAE decode, serial or on two CUDA streams."""
+    latents = torch.randn(images, 4, 64, 64, device="cuda")
+    chunk = sampler_module.VAE_DECODE_CHUNK
+
+    def decode(rows: int = chunk):
+        for part in latents.split(rows):
+            sampler._run_static("decode", sampler._decode_call, part)
+
+    def denoise():
+        for _ in range(steps):
+            unet_call()
+
+    side = torch.cuda.Stream()
+
+    def overlapped():
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            decode()
+        denoise()
+        torch.cuda.current_stream().wait_stream(side)
+
+    ms_unet, ms_decode = cuda_time(denoise, 2, warmup=1), cuda_time(decode, 3)
+    ms_serial, ms_overlapped = cuda_time(lambda: (denoise(), decode()), 2, warmup=1), cuda_time(overlapped, 2, 1)
+    print(f"[{variant}] overlap: {steps} UNet calls {ms_unet:.0f} ms + decode of {images} {ms_decode:.0f} ms; "
+          f"serial {ms_serial:.0f} ms, decode on a second stream {ms_overlapped:.0f} ms "
+          f"(saves {ms_serial - ms_overlapped:.0f} ms a batch)", flush=True)
+    ms_whole = cuda_time(lambda: decode(images), 3)
+    print(f"[{variant}] decode of {images}: chunks of {chunk} {ms_decode:.0f} ms, one chunk of {images} "
+          f"{ms_whole:.0f} ms (peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB)", flush=True)
 
 
 def main(args: argparse.Namespace) -> None:
