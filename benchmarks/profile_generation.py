@@ -45,6 +45,9 @@ VARIANTS = {  # name -> (compile_model, compile_mode, channels_last, extra induc
     "compile-cg": (True, "reduce-overhead", True, {}, True),
     "compile-nchw": (True, "default", False, {}, True),
     "compile-cdt": (True, "default", True, {"coordinate_descent_tuning": True}, True),
+    "compile-freeze": (True, "default", True, {"freezing": True}, True),  # weights as constants
+    "compile-aggressive": (True, "default", True, {"aggressive_fusion": True}, True),  # fuse more nodes
+    "compile-pointwise": (True, "default", True, {"max_autotune_pointwise": True}, True),  # tune Triton configs
 }
 
 
@@ -72,9 +75,14 @@ def parse_args() -> argparse.Namespace:
                         help="cuDNN algorithms tried per convolution (0 = all; PyTorch's default is 10)")
     parser.add_argument("--top-kernels", type=int, default=14, help="kernels listed per profile")
     parser.add_argument("--skip", default="",
-                        help="comma-separated parts to skip: ceilings, attention, overlap (GroupNorm: bench_group_norm.py)")
+                        help="comma-separated parts to skip: ceilings, attention, img2img (parts 4-6), overlap "
+                             "(GroupNorm: bench_group_norm.py)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats of each measurement (median)")
-    return parser.parse_args()
+    args = parser.parse_args()
+    unknown = [name for name in args.variants.split(",") if name not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    return args
 
 
 def ceilings(repeats: int) -> None:
@@ -169,11 +177,8 @@ def unet_flops(sampler: DiffusionSampler, rows: int) -> float:
 
 
 def profile_variant(model_path: str, variant: str, args) -> None:
-    from PIL import Image
-
     compile_model, mode, channels_last, extra, share_prefix = VARIANTS[variant]
     LayoutSampler.channels_last = channels_last
-    saved = dict(sampler_module.INDUCTOR_OPTIONS), sampler_module.share_guidance_prefix
     sampler_module.INDUCTOR_OPTIONS.update(extra)
     if not share_prefix:
         sampler_module.share_guidance_prefix = lambda unet: []
@@ -201,6 +206,19 @@ def profile_variant(model_path: str, variant: str, args) -> None:
               f"{flops / ms / 1e9:.0f} TFLOP/s; {ms / args.images * 35:.0f} ms/image for 35 steps "
               f"(first call {warm:.0f} s)", flush=True)
         kernel_breakdown(call, f"UNet call ({variant})", top_kernels=args.top_kernels)
+    skip = set(args.skip.split(","))
+    if "img2img" not in skip:
+        vae_and_img2img(sampler, ms, variant, args)
+        if "overlap" not in skip:
+            with torch.no_grad(), sampler._attention():
+                overlap(sampler, call, args.images, variant)
+
+
+def vae_and_img2img(sampler: DiffusionSampler, unet_ms: float, variant: str, args) -> None:
+    """Parts 4 and 5: the VAE per image, then whole img2img batches against their UNet share."""
+    from PIL import Image
+
+    with torch.no_grad(), sampler._attention():
         latents = torch.randn(8, 4, 64, 64, device="cuda")
         ms_dec = cuda_time(lambda: sampler._run_static("decode", sampler._decode_call, latents), args.repeats)
         pixels = torch.randn(8, 3, 512, 512, device="cuda", dtype=torch.bfloat16).contiguous(
@@ -219,18 +237,9 @@ def profile_variant(model_path: str, variant: str, args) -> None:
     out.pil(len(out) - 1)
     seconds = (time.perf_counter() - start) / 2
     print(f"[{variant}] img2img batch {len(batch)}: {seconds * 1e3:.0f} ms = {len(batch) / seconds:.2f} img/s "
-          f"(UNet share {35 * ms / 1e3 / seconds * 100:.0f}%)", flush=True)
+          f"(UNet share {35 * unet_ms / 1e3 / seconds * 100:.0f}%)", flush=True)
     kernel_breakdown(lambda: generate().pil(len(batch) - 1), f"img2img batch ({variant}, wall {seconds * 1e3:.0f} ms)",
                      top_kernels=4)
-    if "overlap" not in set(args.skip.split(",")):
-        with torch.no_grad(), sampler._attention():
-            overlap(sampler, call, args.images, variant)
-    sampler_module.INDUCTOR_OPTIONS.clear()
-    sampler_module.INDUCTOR_OPTIONS.update(saved[0])
-    sampler_module.share_guidance_prefix = saved[1]
-    del sampler
-    torch._dynamo.reset()
-    torch.cuda.empty_cache()
 
 
 def overlap(sampler: DiffusionSampler, unet_call, images: int, variant: str, steps: int = 35) -> None:
@@ -288,7 +297,17 @@ def main(args: argparse.Namespace) -> None:
     if "attention" not in skip:
         attention_kernels(2 * args.images, args.repeats)
     for variant in args.variants.split(","):
-        profile_variant(str(model_path), variant, args)
+        saved = dict(sampler_module.INDUCTOR_OPTIONS), sampler_module.share_guidance_prefix
+        try:
+            profile_variant(str(model_path), variant, args)
+        except Exception as error:  # a variant that cannot run here must not end the profile
+            print(f"[{variant}] failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}", flush=True)
+        finally:
+            sampler_module.INDUCTOR_OPTIONS.clear()
+            sampler_module.INDUCTOR_OPTIONS.update(saved[0])
+            sampler_module.share_guidance_prefix = saved[1]
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

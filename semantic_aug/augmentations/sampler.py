@@ -362,7 +362,7 @@ class DiffusionSampler:
             clean = (mean[rows] + std[rows] * self._to_device(torch.stack(posterior_draws))) * self.scaling_factor
             noise = self._to_device(torch.stack(noise))
             # 4. noise to the strength's first timestep, then denoise with guidance
-            schedule = self.timesteps_for(strength)
+            schedule = self.timesteps_for(strength)  # on the CPU
             timesteps = self._to_device(schedule)
             latents = self.scheduler.add_noise(clean, noise, timesteps[:1].repeat(count))
             latent_mask, unet_extra = None, None
@@ -376,17 +376,17 @@ class DiffusionSampler:
             elif self.inpainting_unet:
                 raise UserError("this model is an inpainting model (9-channel UNet); it needs --mask 1")
             step_kwargs = {"generator": generators} if self.step_takes_generator else {}
-            schedule = schedule.tolist()  # python ints for the scheduler
+            step_values = schedule.tolist()  # python ints for the scheduler
             for i, t in enumerate(timesteps):
-                model_input = self.scheduler.scale_model_input(torch.cat([latents, latents]), schedule[i])
+                model_input = self.scheduler.scale_model_input(torch.cat([latents, latents]), step_values[i])
                 if unet_extra is not None:
                     model_input = torch.cat([model_input, unet_extra], dim=1)
                 prediction = self._run_static("unet", self._unet_call, model_input, t, text, paired=True).float()
                 unconditional, conditional = prediction.chunk(2)
                 guided = unconditional + guidance_scale * (conditional - unconditional)
-                latents = self.scheduler.step(guided, schedule[i], latents, return_dict=False, **step_kwargs)[0]
+                latents = self.scheduler.step(guided, step_values[i], latents, return_dict=False, **step_kwargs)[0]
                 if latent_mask is not None and not self.inpainting_unet:
-                    known = clean if i == len(schedule) - 1 else \
+                    known = clean if i == len(step_values) - 1 else \
                         self.scheduler.add_noise(clean, noise, timesteps[i + 1: i + 2].repeat(count))
                     latents = (1.0 - latent_mask) * known + latent_mask * latents
             # 5. decode, back to each real image's size, uint8, copied to host memory without waiting
