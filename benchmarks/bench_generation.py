@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from semantic_aug.augmentations.sampler import ATTENTION_BACKENDS, COMPILE_MODES, DEFAULT_COMPILE_MODE  # noqa: E402
 from semantic_aug.embeddings import add_tokens_to_text_encoder, load_tokens, save_tokens, token_name  # noqa: E402
 from semantic_aug.few_shot_dataset import FolderFewShotDataset  # noqa: E402
-from semantic_aug.stable_diffusion import (build_random_sd_v1, cache_root, load_stable_diffusion,  # noqa: E402
-                                           resolve_model_path, save_stable_diffusion)
+from semantic_aug.stable_diffusion import (load_stable_diffusion, random_sd_v1_folder,  # noqa: E402
+                                           resolve_model_path)
 from semantic_aug.synthetic import DTYPES, build_augmentation, generate_synthetic_images  # noqa: E402
 from semantic_aug.utils import pick_device, run_cli  # noqa: E402
 
@@ -182,11 +182,7 @@ def main(args: argparse.Namespace) -> None:
     model_path = args.model
     if model_path == RANDOM_SD:
         start = time.perf_counter()
-        model_path = cache_root() / "sd-v1.4-random"
-        if not (model_path / "model_index.json").is_file():
-            tokenizer, text_encoder, vae, unet, _ = build_random_sd_v1(device)
-            save_stable_diffusion(model_path, tokenizer, *(part.to(torch.float16) for part in (text_encoder, vae, unet)))
-        model_path = str(model_path)
+        model_path = str(random_sd_v1_folder(device))
         print(f"random SD v1.4 ready in {time.perf_counter() - start:.0f} s: {model_path}", flush=True)
     width = CLIPTextConfig.from_pretrained(resolve_model_path(model_path), subfolder="text_encoder").hidden_size
     with tempfile.TemporaryDirectory(dir=args.workdir) as scratch:

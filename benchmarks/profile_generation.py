@@ -23,6 +23,7 @@ import re
 import sys
 import time
 from collections import defaultdict
+from unittest import mock
 from pathlib import Path
 
 import torch
@@ -34,7 +35,7 @@ from benchmarks.cuda_timing import cuda_time  # noqa: E402
 from semantic_aug.augmentations import sampler as sampler_module  # noqa: E402
 from semantic_aug.augmentations.sampler import DiffusionSampler  # noqa: E402
 from semantic_aug.guidance_prefix import paired_halves  # noqa: E402
-from semantic_aug.stable_diffusion import build_random_sd_v1, cache_root, save_stable_diffusion  # noqa: E402
+from semantic_aug.stable_diffusion import random_sd_v1_folder  # noqa: E402
 from semantic_aug.utils import UserError, run_cli  # noqa: E402
 
 STEPS, STRENGTH, GUIDANCE = 50, 0.7, 15.0
@@ -79,6 +80,7 @@ def parse_args() -> argparse.Namespace:
                              "(GroupNorm: bench_group_norm.py)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats of each measurement (median)")
     args = parser.parse_args()
+    args.skip = set(filter(None, args.skip.split(",")))
     unknown = [name for name in args.variants.split(",") if name not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
@@ -179,12 +181,13 @@ def unet_flops(sampler: DiffusionSampler, rows: int) -> float:
 def profile_variant(model_path: str, variant: str, args) -> None:
     compile_model, mode, channels_last, extra, share_prefix = VARIANTS[variant]
     LayoutSampler.channels_last = channels_last
-    sampler_module.INDUCTOR_OPTIONS.update(extra)
-    if not share_prefix:
-        sampler_module.share_guidance_prefix = lambda unet: []
-    sampler = LayoutSampler.from_pretrained(model_path, device="cuda", dtype=torch.bfloat16,
-                                            compile_model=compile_model, compile_mode=mode,
-                                            attention_backend=args.attention)
+    prefix = sampler_module.share_guidance_prefix if share_prefix else lambda unet: []
+    # the sampler reads both at construction: patched for it alone
+    with mock.patch.dict(sampler_module.INDUCTOR_OPTIONS, extra), \
+            mock.patch.object(sampler_module, "share_guidance_prefix", prefix):
+        sampler = LayoutSampler.from_pretrained(model_path, device="cuda", dtype=torch.bfloat16,
+                                                compile_model=compile_model, compile_mode=mode,
+                                                attention_backend=args.attention)
     rows = 2 * args.images
     latents = torch.randn(args.images, 4, 64, 64, device="cuda")
     sample = torch.cat([latents, latents])  # guidance: both halves hold the same latents
@@ -206,10 +209,9 @@ def profile_variant(model_path: str, variant: str, args) -> None:
               f"{flops / ms / 1e9:.0f} TFLOP/s; {ms / args.images * 35:.0f} ms/image for 35 steps "
               f"(first call {warm:.0f} s)", flush=True)
         kernel_breakdown(call, f"UNet call ({variant})", top_kernels=args.top_kernels)
-    skip = set(args.skip.split(","))
-    if "img2img" not in skip:
+    if "img2img" not in args.skip:
         vae_and_img2img(sampler, ms, variant, args)
-        if "overlap" not in skip:
+        if "overlap" not in args.skip:
             with torch.no_grad(), sampler._attention():
                 overlap(sampler, call, args.images, variant)
 
@@ -278,10 +280,7 @@ def main(args: argparse.Namespace) -> None:
     if not torch.cuda.is_available():
         raise UserError("this benchmark measures CUDA kernels and needs a CUDA GPU")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    model_path = cache_root() / "sd-v1.4-random"
-    if not (model_path / "model_index.json").is_file():
-        tokenizer, text_encoder, vae, unet, _ = build_random_sd_v1("cuda")
-        save_stable_diffusion(model_path, tokenizer, *(part.to(torch.float16) for part in (text_encoder, vae, unet)))
+    model_path = random_sd_v1_folder("cuda")
     if args.gn_config:
         from semantic_aug import fused_group_norm
 
@@ -291,21 +290,16 @@ def main(args: argparse.Namespace) -> None:
         print(f"fused GroupNorm configuration: {args.gn_config}", flush=True)
     if args.cudnn_benchmark_limit is not None:
         torch.backends.cudnn.benchmark_limit = args.cudnn_benchmark_limit
-    skip = set(filter(None, args.skip.split(",")))
-    if "ceilings" not in skip:
+    if "ceilings" not in args.skip:
         ceilings(args.repeats)
-    if "attention" not in skip:
+    if "attention" not in args.skip:
         attention_kernels(2 * args.images, args.repeats)
     for variant in args.variants.split(","):
-        saved = dict(sampler_module.INDUCTOR_OPTIONS), sampler_module.share_guidance_prefix
         try:
             profile_variant(str(model_path), variant, args)
         except Exception as error:  # a variant that cannot run here must not end the profile
             print(f"[{variant}] failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}", flush=True)
         finally:
-            sampler_module.INDUCTOR_OPTIONS.clear()
-            sampler_module.INDUCTOR_OPTIONS.update(saved[0])
-            sampler_module.share_guidance_prefix = saved[1]
             torch._dynamo.reset()
             torch.cuda.empty_cache()
 

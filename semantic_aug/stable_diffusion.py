@@ -217,3 +217,13 @@ def build_random_sd_v1(device: str | torch.device = "cpu", seed: int = 0):
     noise_scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                     num_train_timesteps=1000, clip_sample=False, steps_offset=1)
     return tokenizer, text_encoder, vae, unet, noise_scheduler
+
+
+def random_sd_v1_folder(device: str | torch.device = "cpu") -> Path:
+    """`build_random_sd_v1` saved in fp16 as a diffusers folder under `cache_root()` (built on first use, on
+    `device`), for the benchmarks that load a model by path."""
+    path = cache_root() / "sd-v1.4-random"
+    if not (path / "model_index.json").is_file():
+        tokenizer, text_encoder, vae, unet, _ = build_random_sd_v1(device)
+        save_stable_diffusion(path, tokenizer, *(part.to(torch.float16) for part in (text_encoder, vae, unet)))
+    return path
