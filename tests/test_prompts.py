@@ -370,10 +370,12 @@ def test_split_gguf_is_joined_once_and_checked(tmp_path, monkeypatch):
     assert assemble_split_gguf(split, tmp_path / "cache").stat().st_mtime_ns == first_write  # not joined again
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["fake.gguf"]  # no temporaries left
 
-    with pytest.raises(UserError, match="add up to 23 bytes, expected 24.*pip install fake-parts"):
+    with pytest.raises(UserError, match="add up to 23 bytes, expected 24.*pip install fake-parts --force-reinstall"):
         assemble_split_gguf(replace(split, file_name="other.gguf", total_bytes=24), tmp_path / "cache")
     (tmp_path / "site" / "fake_gguf_part1" / "data" / "part01.bin").write_bytes(b"HTML" + b"a" * 6)
-    with pytest.raises(UserError, match="does not start a GGUF file"):
+    with pytest.raises(UserError,
+                       match="does not start a GGUF file; reinstall the parts: "
+                             "pip install fake-parts --force-reinstall"):
         assemble_split_gguf(replace(split, file_name="broken.gguf"), tmp_path / "cache")
     with pytest.raises(UserError, match="part 4 of more.gguf is not installed; run: pip install fake-parts"):
         assemble_split_gguf(replace(split, file_name="more.gguf", num_parts=4), tmp_path / "cache")
