@@ -4,7 +4,7 @@ Stable Diffusion's UNet and VAE run 60-odd GroupNorms per call, almost all follo
 generator's batch, PyTorch's own kernels reach 10% of memory bandwidth on channels_last tensors and the
 `torch.compile` versions 30-40%, since both lay the tensor out as NCHW to reduce each group: GroupNorm was a
 quarter of the UNet's kernel time (`benchmarks/profile_generation.py`). These kernels read the channels_last
-tensor as it lies. Large groups (the VAE's, the UNet's at 64²) take three launches:
+tensor as it lies, in three launches:
 
 1. `_partial_sums`: per image and pixel chunk, per-channel sums of (x - shift) and (x - shift)^2 in fp32, where the
    shift is the image's first pixel (so the variance does not cancel when the mean is large);
@@ -12,12 +12,10 @@ tensor as it lies. Large groups (the VAE's, the UNet's at 64²) take three launc
    combined exactly, as in Chan's parallel variance);
 3. `_normalize`: y = x * a_c + b_c per channel (the normalisation and affine weights folded), then SiLU if asked.
 
-That is one read for the statistics and one read plus one write for the output. Small groups (up to
-`ONE_PROGRAM_ELEMENTS` values, the UNet's at 32² and below) take one launch, `_group_norm_one_program`: a program
-per image and group computes the same sums and then writes its output, so the second read comes mostly from L2
-and no launch waits on another. The function computed is exactly `silu(group_norm(x + bias[:, :, None, None]))`
-(within float rounding), inference only (no autograd). `fuse_group_norms(model)` swaps them into a diffusers UNet
-or VAE. Elsewhere (CPU, no Triton) `group_norm` runs the PyTorch operations, so callers need no case of their own.
+That is one read for the statistics and one read plus one write for the output. The function computed is
+exactly `silu(group_norm(x + bias[:, :, None, None]))` (within float rounding), inference only (no autograd).
+`fuse_group_norms(model)` swaps them into a diffusers UNet or VAE. Elsewhere (CPU, no Triton) `group_norm` runs
+the PyTorch operations, so callers need no case of their own.
 """
 
 from __future__ import annotations
@@ -42,57 +40,9 @@ TILE_ELEMENTS = 16384  # elements of one [pixels, channels] tile a program holds
 NUM_WARPS = 4
 STATS_TILES = 4  # tiles one statistics program sums
 NORMALIZE_TILES = 4  # tiles one output program writes
-# One-program path (first guess; bench_group_norm.py times both paths per shape): groups of at most this many values.
-ONE_PROGRAM_ELEMENTS = 65536
-ONE_PROGRAM_TILE_ELEMENTS = 4096
-ONE_PROGRAM_WARPS = 4
 
 
 if triton is not None:
-    @triton.jit
-    def _shifted_sums(image, bias, channels, channel_ok, shift, start, stop, HW, C,
-                      HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr):
-        """Per-channel sums of (x - shift) and of its squares over pixels [start, stop) of one image, in fp32."""
-        total = tl.zeros(shift.shape, dtype=tl.float32)
-        total_sq = tl.zeros(shift.shape, dtype=tl.float32)
-        for offset in range(start, stop, BLOCK_P):
-            pixels = offset + tl.arange(0, BLOCK_P)
-            ok = ((pixels < HW) & (pixels < stop))[:, None] & channel_ok[None, :]
-            x = tl.load(image + pixels[:, None].to(tl.int64) * C + channels[None, :], mask=ok, other=0.0)
-            x = x.to(tl.float32)
-            if HAS_BIAS:
-                x += bias[None, :]
-            x = tl.where(ok, x - shift[None, :], 0.0)
-            total += tl.sum(x, axis=0)
-            total_sq += tl.sum(x * x, axis=0)
-        return total, total_sq
-
-    @triton.jit
-    def _group_statistics(total, total_sq, shift, ok, count, group_size, eps):
-        """A group's mean and 1/std from its channels' shifted sums: channel means and spreads combined exactly
-        (Chan's parallel variance)."""
-        shifted_mean = total / count  # each channel's mean relative to its own shift
-        channel_m2 = tl.maximum(total_sq - total * shifted_mean, 0.0)
-        channel_mean = shifted_mean + shift
-        group_mean = tl.sum(tl.where(ok, channel_mean, 0.0), axis=0) / group_size
-        spread = tl.where(ok, channel_mean - group_mean, 0.0)
-        m2 = tl.sum(tl.where(ok, channel_m2, 0.0), axis=0) + count * tl.sum(spread * spread, axis=0)
-        return group_mean, 1.0 / tl.sqrt(m2 / (count * group_size) + eps)
-
-    @triton.jit
-    def _write_normalized(x_ptr, out_ptr, image, channels, channel_ok, scale, offset_c, start, stop, HW, C,
-                          SILU: tl.constexpr, BLOCK_P: tl.constexpr):
-        """y = x * scale_c + offset_c (then SiLU) over pixels [start, stop) of one image."""
-        for offset in range(start, stop, BLOCK_P):
-            pixels = offset + tl.arange(0, BLOCK_P)
-            ok = ((pixels < HW) & (pixels < stop))[:, None] & channel_ok[None, :]
-            where = image + pixels[:, None].to(tl.int64) * C + channels[None, :]
-            x = tl.load(x_ptr + where, mask=ok, other=0.0).to(tl.float32)
-            y = x * scale[None, :] + offset_c[None, :]
-            if SILU:
-                y = y * tl.sigmoid(y)
-            tl.store(out_ptr + where, y.to(out_ptr.dtype.element_ty), mask=ok)
-
     @triton.jit
     def _partial_sums(x_ptr, bias_ptr, sums_ptr, squares_ptr, HW, C, chunk_pixels, num_chunks,
                       HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -102,13 +52,22 @@ if triton is not None:
         channel_ok = channels < C
         image = x_ptr + n.to(tl.int64) * HW * C
         shift = tl.load(image + channels, mask=channel_ok, other=0.0).to(tl.float32)
-        bias = shift  # unused unless HAS_BIAS
         if HAS_BIAS:
             bias = tl.load(bias_ptr + n * C + channels, mask=channel_ok, other=0.0).to(tl.float32)
             shift += bias
+        total = tl.zeros([BLOCK_C], dtype=tl.float32)
+        total_sq = tl.zeros([BLOCK_C], dtype=tl.float32)
         start = chunk * chunk_pixels
-        total, total_sq = _shifted_sums(image, bias, channels, channel_ok, shift, start, start + chunk_pixels, HW, C,
-                                        HAS_BIAS=HAS_BIAS, BLOCK_P=BLOCK_P)
+        for offset in range(0, chunk_pixels, BLOCK_P):
+            pixels = start + offset + tl.arange(0, BLOCK_P)
+            ok = (pixels < HW)[:, None] & channel_ok[None, :]
+            x = tl.load(image + pixels[:, None].to(tl.int64) * C + channels[None, :], mask=ok, other=0.0)
+            x = x.to(tl.float32)
+            if HAS_BIAS:
+                x += bias[None, :]
+            x = tl.where(ok, x - shift[None, :], 0.0)
+            total += tl.sum(x, axis=0)
+            total_sq += tl.sum(x * x, axis=0)
         out = (n * num_chunks + chunk) * C + channels
         tl.store(sums_ptr + out, total, mask=channel_ok)
         tl.store(squares_ptr + out, total_sq, mask=channel_ok)
@@ -130,9 +89,16 @@ if triton is not None:
             row = (n * num_chunks + chunk) * C + channels
             total += tl.load(sums_ptr + row, mask=ok, other=0.0)
             total_sq += tl.load(squares_ptr + row, mask=ok, other=0.0)
-        mean, rstd = _group_statistics(total, total_sq, shift, ok, HW.to(tl.float32), group_size, eps)
-        tl.store(mean_ptr + n * G + group, mean)
-        tl.store(rstd_ptr + n * G + group, rstd)
+        count = HW.to(tl.float32)
+        shifted_mean = total / count  # each channel's mean relative to its own shift
+        channel_m2 = tl.maximum(total_sq - total * shifted_mean, 0.0)
+        channel_mean = shifted_mean + shift
+        group_mean = tl.sum(tl.where(ok, channel_mean, 0.0), axis=0) / group_size
+        spread = tl.where(ok, channel_mean - group_mean, 0.0)
+        m2 = tl.sum(tl.where(ok, channel_m2, 0.0), axis=0) + count * tl.sum(spread * spread, axis=0)
+        variance = m2 / (count * group_size)
+        tl.store(mean_ptr + n * G + group, group_mean)
+        tl.store(rstd_ptr + n * G + group, 1.0 / tl.sqrt(variance + eps))
 
     @triton.jit
     def _normalize(x_ptr, bias_ptr, weight_ptr, affine_bias_ptr, mean_ptr, rstd_ptr, out_ptr, HW, C, G,
@@ -151,38 +117,17 @@ if triton is not None:
         offset_c = affine_bias - mean * scale
         if HAS_BIAS:
             offset_c += tl.load(bias_ptr + n * C + channels, mask=channel_ok, other=0.0).to(tl.float32) * scale
-        start = chunk * chunk_pixels
-        _write_normalized(x_ptr, out_ptr, n.to(tl.int64) * HW * C, channels, channel_ok, scale, offset_c, start,
-                          start + chunk_pixels, HW, C, SILU=SILU, BLOCK_P=BLOCK_P)
-
-    @triton.jit
-    def _group_norm_one_program(x_ptr, bias_ptr, weight_ptr, affine_bias_ptr, out_ptr, HW, C, G, eps,
-                                HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_P: tl.constexpr,
-                                BLOCK_G: tl.constexpr):
-        """One program per image and group: its statistics, then its output (the second read mostly from L2)."""
-        n = tl.program_id(0)
-        group = tl.program_id(1)
-        group_size = C // G
-        lanes = tl.arange(0, BLOCK_G)
-        channel_ok = lanes < group_size
-        channels = group * group_size + lanes
         image = n.to(tl.int64) * HW * C
-        shift = tl.load(x_ptr + image + channels, mask=channel_ok, other=0.0).to(tl.float32)
-        bias = shift  # unused unless HAS_BIAS
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + n * C + channels, mask=channel_ok, other=0.0).to(tl.float32)
-            shift += bias
-        total, total_sq = _shifted_sums(x_ptr + image, bias, channels, channel_ok, shift, 0, HW, HW, C,
-                                        HAS_BIAS=HAS_BIAS, BLOCK_P=BLOCK_P)
-        mean, rstd = _group_statistics(total, total_sq, shift, channel_ok, HW.to(tl.float32), group_size, eps)
-        weight = tl.load(weight_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32)
-        affine_bias = tl.load(affine_bias_ptr + channels, mask=channel_ok, other=0.0).to(tl.float32)
-        scale = rstd * weight
-        offset_c = affine_bias - mean * scale
-        if HAS_BIAS:
-            offset_c += bias * scale
-        _write_normalized(x_ptr, out_ptr, image, channels, channel_ok, scale, offset_c, 0, HW, HW, C,
-                          SILU=SILU, BLOCK_P=BLOCK_P)
+        start = chunk * chunk_pixels
+        for offset in range(0, chunk_pixels, BLOCK_P):
+            pixels = start + offset + tl.arange(0, BLOCK_P)
+            ok = (pixels < HW)[:, None] & channel_ok[None, :]
+            where = image + pixels[:, None].to(tl.int64) * C + channels[None, :]
+            x = tl.load(x_ptr + where, mask=ok, other=0.0).to(tl.float32)
+            y = x * scale[None, :] + offset_c[None, :]
+            if SILU:
+                y = y * tl.sigmoid(y)
+            tl.store(out_ptr + where, y.to(out_ptr.dtype.element_ty), mask=ok)
 
     @torch.library.custom_op("diagen::group_norm_nhwc", mutates_args=())
     def _group_norm_nhwc(x: torch.Tensor, weight: torch.Tensor, affine_bias: torch.Tensor,
@@ -196,32 +141,19 @@ if triton is not None:
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, affine_bias: torch.Tensor, bias: torch.Tensor | None,
             num_groups: int, eps: float, silu: bool, tile_elements: int | None = None, num_warps: int | None = None,
-            stats_tiles: int | None = None, normalize_tiles: int | None = None,
-            one_program_elements: int | None = None) -> torch.Tensor:
-    """Run the kernels on a 4-D tensor (any layout; read as channels_last).
+            stats_tiles: int | None = None, normalize_tiles: int | None = None) -> torch.Tensor:
+    """Run the three kernels on a 4-D tensor (any layout; read as channels_last).
 
-    Groups of at most `one_program_elements` values (pixels x channels per group) take the one-program kernel, with
-    tiles of `ONE_PROGRAM_TILE_ELEMENTS`; larger ones take the three launches, where a program holds a [pixels,
-    channels] tile of `tile_elements` (all channels, padded to a power of two) and walks `stats_tiles` (statistics)
-    or `normalize_tiles` (output) tiles of one image. None takes the module's defaults.
+    A program holds a [pixels, channels] tile of `tile_elements` (all channels, padded to a power of two) and
+    walks `stats_tiles` (statistics) or `normalize_tiles` (output) tiles of one image; None takes the module's
+    defaults.
     """
     tile_elements, num_warps = tile_elements or TILE_ELEMENTS, num_warps or NUM_WARPS
     stats_tiles, normalize_tiles = stats_tiles or STATS_TILES, normalize_tiles or NORMALIZE_TILES
-    one_program_elements = ONE_PROGRAM_ELEMENTS if one_program_elements is None else one_program_elements
     x = x.contiguous(memory_format=torch.channels_last)
     batch, channels, height, width = x.shape
     pixels = height * width
     out = torch.empty_like(x, memory_format=torch.channels_last)
-    has_bias = bias is not None
-    bias = bias.reshape(batch, channels).contiguous() if has_bias else weight  # unused when has_bias is False
-    group_channels = channels // num_groups
-    if pixels * group_channels <= one_program_elements:
-        block_g = triton.next_power_of_2(group_channels)
-        block_p = min(max(1, ONE_PROGRAM_TILE_ELEMENTS // block_g), triton.next_power_of_2(pixels))
-        _group_norm_one_program[(batch, num_groups)](
-            x, bias, weight, affine_bias, out, pixels, channels, num_groups, eps, HAS_BIAS=has_bias, SILU=silu,
-            BLOCK_P=block_p, BLOCK_G=block_g, num_warps=ONE_PROGRAM_WARPS)
-        return out
     block_c = triton.next_power_of_2(channels)
     block_p = min(max(1, tile_elements // block_c), triton.next_power_of_2(pixels))
     stats_pixels = block_p * stats_tiles
@@ -230,11 +162,13 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, affine_bias: torch.Tensor, bi
     squares = torch.empty_like(sums)
     mean = torch.empty(batch, num_groups, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
+    has_bias = bias is not None
+    bias = bias.reshape(batch, channels).contiguous() if has_bias else sums  # unused when has_bias is False
     _partial_sums[(batch, stats_chunks)](x, bias, sums, squares, pixels, channels, stats_pixels, stats_chunks,
                                          HAS_BIAS=has_bias, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
     _group_moments[(batch, num_groups)](x, bias, sums, squares, mean, rstd, pixels, channels, num_groups,
                                         stats_chunks, eps, HAS_BIAS=has_bias,
-                                        BLOCK_G=triton.next_power_of_2(group_channels))
+                                        BLOCK_G=triton.next_power_of_2(channels // num_groups))
     normalize_pixels = block_p * normalize_tiles
     _normalize[(batch, triton.cdiv(pixels, normalize_pixels))](
         x, bias, weight, affine_bias, mean, rstd, out, pixels, channels, num_groups, normalize_pixels,

@@ -39,16 +39,13 @@ for name, (shape, groups, dtype, with_bias, silu, offset, channels_last) in case
         x = x.contiguous(memory_format=torch.channels_last)
     weight, bias = torch.randn(shape[1]).to(dtype), torch.randn(shape[1]).to(dtype)
     time_bias = torch.randn(shape[0], shape[1]).to(dtype) if with_bias else None
+    out = fg._launch(x, weight, bias, time_bias, groups, 1e-5, silu, tile_elements=256, stats_tiles=2,
+                     normalize_tiles=3)
     full = x.double() + (time_bias.double()[:, :, None, None] if with_bias else 0)
     reference = F.group_norm(full, groups, weight.double(), bias.double(), 1e-5)
     reference = F.silu(reference) if silu else reference
-    fg.ONE_PROGRAM_TILE_ELEMENTS = 64  # several tiles per group, as at the UNet's sizes
-    for path, one_program_elements in (("three_launches", 0), ("one_program", 1 << 30)):
-        out = fg._launch(x, weight, bias, time_bias, groups, 1e-5, silu, tile_elements=256, stats_tiles=2,
-                         normalize_tiles=3, one_program_elements=one_program_elements)
-        results[f"{name}/{path}"] = {
-            "error": ((out.double() - reference).norm() / reference.norm()).item(), "dtype": str(out.dtype),
-            "channels_last": out.is_contiguous(memory_format=torch.channels_last)}
+    results[name] = {"error": ((out.double() - reference).norm() / reference.norm()).item(),
+                     "dtype": str(out.dtype), "channels_last": out.is_contiguous(memory_format=torch.channels_last)}
 
 with torch.no_grad():
     x3 = torch.randn(2, 64, 50)  # (N, C, L), as attention blocks call it
@@ -82,23 +79,20 @@ def interpreted(repo_root):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("path", ["three_launches", "one_program"])
 @pytest.mark.parametrize("case, tolerance", [("plain_fp32", 1e-5), ("large_mean_fp32", 1e-5),
                                              ("nchw_input_fp32", 1e-5), ("bias_silu_bf16", 1e-2),
                                              ("odd_sizes_fp16", 2e-3)])
-def test_kernels_match_pytorch_group_norm(interpreted, case, tolerance, path):
+def test_kernels_match_pytorch_group_norm(interpreted, case, tolerance):
     """Statistics, time bias, SiLU, a large mean (no cancellation), NCHW input and half precisions all agree with a
-    float64 GroupNorm, on both paths (three launches for large groups, one program per group for small ones); the
-    output is channels_last in the input's dtype."""
-    result = interpreted[f"{case}/{path}"]
+    float64 GroupNorm; the output is channels_last in the input's dtype."""
+    result = interpreted[case]
     assert result["error"] < tolerance, result
     assert result["channels_last"]
 
 
-@pytest.mark.parametrize("path", ["three_launches", "one_program"])
-def test_kernels_keep_the_input_dtype(interpreted, path):
-    assert interpreted[f"bias_silu_bf16/{path}"]["dtype"] == "torch.bfloat16"
-    assert interpreted[f"odd_sizes_fp16/{path}"]["dtype"] == "torch.float16"
+def test_kernels_keep_the_input_dtype(interpreted):
+    assert interpreted["bias_silu_bf16"]["dtype"] == "torch.bfloat16"
+    assert interpreted["odd_sizes_fp16"]["dtype"] == "torch.float16"
 
 
 def test_kernels_handle_three_dimensional_input(interpreted):
