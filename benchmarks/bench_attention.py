@@ -37,7 +37,8 @@ BACKENDS = ("cudnn", "flash", "efficient", "math")
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=32, help="images per generator call (attention batch is twice that)")
+    parser.add_argument("--images", type=int, default=32,
+                        help="images per generator call (attention batch is twice that)")
     parser.add_argument("--repeats", type=int, default=20, help="timed repeats of each kernel (median)")
     parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated SDPA backends to time")
     parser.add_argument("--no-cudnn-plans", action="store_true", help="skip the cuDNN frontend's plan sweep")
@@ -45,7 +46,7 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-EXP_FORMS = {  # name -> (PTX: one base-2 exponential of -$1 into $0, values per 32-bit register)
+EXP_FORMS = {  # name -> (PTX: one base-2 exponential of -$1 into $0, values per 32-bit register, their dtype)
     "f32": ("{ .reg .f32 t; neg.f32 t, $1; ex2.approx.ftz.f32 $0, t; }", 1, torch.float32),
     "f16x2": ("{ .reg .b32 t; neg.f16x2 t, $1; ex2.approx.f16x2 $0, t; }", 2, torch.float16),
     "bf16x2": ("{ .reg .b32 t; neg.bf16x2 t, $1; ex2.approx.ftz.bf16x2 $0, t; }", 2, torch.bfloat16),
