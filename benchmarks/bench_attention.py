@@ -82,7 +82,7 @@ def exp_rate(rows: int, repeats: int, iterations: int = 4096, block: int = 1024)
 
 
 def unet_layout(rows: int, tokens: int, head_dim: int, cross: bool):
-    """Q, K, V as the fused projections leave them, and an output in token-major layout, all [rows, heads, tokens, d]."""
+    """Q, K, V as the fused projections leave them and a token-major output, all [rows, heads, tokens, d]."""
     width = HEADS * head_dim
     def split(fused: torch.Tensor):
         return (p.view(rows, -1, HEADS, head_dim).transpose(1, 2) for p in fused.split(width, dim=-1))
