@@ -27,6 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from benchmarks.cuda_timing import cuda_time  # noqa: E402
+from semantic_aug.augmentations.sampler import _sdpa_backends  # noqa: E402
 from semantic_aug.utils import UserError, run_cli  # noqa: E402
 
 HEADS, TEXT_TOKENS = 8, 77
@@ -84,6 +85,7 @@ def exp_rate(rows: int, repeats: int, iterations: int = 4096, block: int = 1024)
 def unet_layout(rows: int, tokens: int, head_dim: int, cross: bool):
     """Q, K, V as the fused projections leave them and a token-major output, all [rows, heads, tokens, d]."""
     width = HEADS * head_dim
+
     def split(fused: torch.Tensor):
         return (p.view(rows, -1, HEADS, head_dim).transpose(1, 2) for p in fused.split(width, dim=-1))
 
@@ -98,10 +100,10 @@ def unet_layout(rows: int, tokens: int, head_dim: int, cross: bool):
 
 
 def sdpa_backends(q, k, v, backends, repeats: int) -> dict[str, float]:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    """Milliseconds of `scaled_dot_product_attention(q, k, v)` on each named SDPA backend that can run it."""
+    from torch.nn.attention import sdpa_kernel
 
-    kinds = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    kinds = _sdpa_backends()
     times = {}
     for name in backends:
         try:

