@@ -7,10 +7,11 @@ the middle block at 8² (160); eight heads everywhere. Q, K and V are strided vi
 in the sampler (`fuse_qkv_projections`), and the output is written in the token-major layout the next linear
 layer reads. For each shape the script prints the time per layer of every SDPA backend and of every plan the
 cuDNN frontend (`nvidia-cudnn-frontend`, optional) builds, checked against PyTorch's output, and at the end the
-per-call attention time of PyTorch's cuDNN choice against the fastest kernel per shape. (The guidance prefix
-runs one 64² self-attention on half the rows; the totals count it in full.) First it measures the rate of the
-exponential unit, one and two 16-bit values per instruction, which bounds any softmax: a 64² self-attention
-layer takes 4096² x 8 heads x rows exponentials.
+per-call attention time of PyTorch's cuDNN choice against the fastest kernel per shape. Where `flash-attn-4`
+is installed, its kernel (`semantic_aug.flash_attention4`, the sampler's `flash4` backend) is timed and
+checked too. (The guidance prefix runs one 64² self-attention on half the rows; the totals count it in full.)
+First it measures the rate of the exponential unit, one and two 16-bit values per instruction, which bounds
+any softmax: a 64² self-attention layer takes 4096² x 8 heads x rows exponentials.
 
     python benchmarks/bench_attention.py [--images 32] [--repeats 20] [--backends cudnn,flash,efficient,math]
 """
@@ -44,6 +45,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated SDPA backends to time")
     parser.add_argument("--no-cudnn-plans", action="store_true", help="skip the cuDNN frontend's plan sweep")
     parser.add_argument("--no-exp-rate", action="store_true", help="skip the exponential-unit rate")
+    parser.add_argument("--no-flash4", action="store_true", help="skip FlashAttention-4 (timed when installed)")
+    parser.add_argument("--flash4-tiles", action="store_true",
+                        help="also sweep FlashAttention-4's tile sizes and options for the head-dim-40 self-attention")
+    parser.add_argument("--shapes", default=None, help="comma-separated levels to time (default: all; e.g. 64^2)")
     return parser.parse_args()
 
 
@@ -114,6 +119,43 @@ def sdpa_backends(q, k, v, backends, repeats: int) -> dict[str, float]:
     return times
 
 
+def flash_attention4_time(q, k, v, reference, repeats: int) -> dict[str, float]:
+    """Milliseconds of FlashAttention-4 (`semantic_aug.flash_attention4`, optional) on the same views, checked."""
+    from semantic_aug.flash_attention4 import flash_attention4
+
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [rows, tokens, heads, d] views, as the processor passes them
+    error = (flash_attention4(q, k, v).transpose(1, 2).float() - reference.float()).abs().max().item()
+    ms = cuda_time(lambda: flash_attention4(q, k, v), repeats)
+    print(f"    flash-attn-4: {ms:.3f} ms, max |diff| {error:.1e}", flush=True)
+    return {"flash-attn-4": ms}
+
+
+FLASH4_TILES = [(m, n) for m in (64, 128, 192) for n in (64, 96, 128, 160, 176, 192, 224, 256)]
+
+
+def flash_attention4_tiles(q, k, v, reference, repeats: int) -> dict[str, float]:
+    """FlashAttention-4's SM90 forward at every (tile_m, tile_n), P-in-registers and intra-warpgroup-overlap
+    setting that compiles for this shape, timed and checked (its heuristic picks 192x128, RS, overlap for d<=64)."""
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    times = {}
+    for tile in FLASH4_TILES:
+        for rs in (True, False):
+            for overlap in (True, False):
+                name = f"flash-attn-4 {tile[0]}x{tile[1]} rs={int(rs)} overlap={int(overlap)}"
+                run = lambda: _flash_attn_fwd(q, k, v, tile_mn=tile, mma_pv_is_rs=rs,  # noqa: E731
+                                              intra_wg_overlap=overlap)[0]
+                try:
+                    error = (run().transpose(1, 2).float() - reference.float()).abs().max().item()
+                    times[name] = cuda_time(run, repeats)
+                    print(f"    {name}: {times[name]:.3f} ms, max |diff| {error:.1e}", flush=True)
+                except Exception as failure:  # a tiling that does not fit (registers, shared memory)
+                    print(f"    {name}: failed ({type(failure).__name__}: {str(failure).splitlines()[0][:80]})",
+                          flush=True)
+    return times
+
+
 def cudnn_plans(q, k, v, out, reference, repeats: int) -> dict[str, float]:
     """Every execution plan the cuDNN frontend builds for this SDPA, timed and checked against `reference`."""
     import cudnn
@@ -162,6 +204,8 @@ def main(args: argparse.Namespace) -> None:
         exp_rate(rows, args.repeats)
     default_total = best_total = 0.0
     for level, tokens, head_dim, layers in SHAPES:
+        if args.shapes and level not in args.shapes.split(","):
+            continue
         for cross in (False, True):
             label = f"{level} {'cross' if cross else 'self'}-attention, d{head_dim}, {rows} x {HEADS} heads x " \
                     f"{tokens} x {TEXT_TOKENS if cross else tokens}"
@@ -170,11 +214,20 @@ def main(args: argparse.Namespace) -> None:
             times = sdpa_backends(q, k, v, backends, args.repeats)
             for name, ms in times.items():
                 print(f"    {name}: {ms:.3f} ms", flush=True)
-            if not args.no_cudnn_plans:
+            reference = F.scaled_dot_product_attention(q, k, v)
+            optional = [("cuDNN plans", lambda: cudnn_plans(q, k, v, out, reference, args.repeats),
+                         not args.no_cudnn_plans),
+                        ("flash-attn-4", lambda: flash_attention4_time(q, k, v, reference, args.repeats),
+                         not args.no_flash4),
+                        ("flash-attn-4 tiles", lambda: flash_attention4_tiles(q, k, v, reference, args.repeats),
+                         args.flash4_tiles and not cross and head_dim <= 64)]
+            for name, measure, wanted in optional:
+                if not wanted:
+                    continue
                 try:
-                    times.update(cudnn_plans(q, k, v, out, F.scaled_dot_product_attention(q, k, v), args.repeats))
-                except Exception as failure:  # no frontend package, or no plan for this shape
-                    print(f"    cuDNN plans: unavailable ({type(failure).__name__}: "
+                    times.update(measure())
+                except Exception as failure:  # package not installed, or no kernel for this shape
+                    print(f"    {name}: unavailable ({type(failure).__name__}: "
                           f"{str(failure).splitlines()[0][:90]})", flush=True)
             if times:
                 best = min(times, key=times.get)
@@ -182,7 +235,7 @@ def main(args: argparse.Namespace) -> None:
                 default_total += layers * default
                 best_total += layers * times[best]
                 print(f"    fastest: {best} {times[best]:.3f} ms ({layers} layer(s) a call)", flush=True)
-            del q, k, v, out
+            del q, k, v, out, reference
     print(f"attention per UNet call: PyTorch's cuDNN {default_total:.2f} ms, fastest per shape {best_total:.2f} ms",
           flush=True)
 

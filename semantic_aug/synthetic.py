@@ -113,7 +113,8 @@ def build_augmentation(aug_names: Sequence[str], *, model_path: str, embed_path:
         erasure_ckpt_path: optional UNet state dict to load over the model's.
         compile_model: `torch.compile` the UNet and VAE decoder (long GPU runs).
         compile_mode: the `torch.compile` mode.
-        attention_backend: SDPA kernel preference (`auto`, `flash`, `cudnn`, `efficient`, `math`).
+        attention_backend: `auto`, an SDPA kernel to prefer (`flash`, `cudnn`, `efficient`, `math`) or `flash4`
+            (see `DiffusionSampler`).
 
     Returns:
         The augmentation (a `ComposeParallel`/`ComposeSequential` for several names).

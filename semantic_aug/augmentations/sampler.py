@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from semantic_aug.flash_attention4 import check_flash_attention4, flash_attention4_preferred, use_flash_attention4
 from semantic_aug.fused_group_norm import fuse_group_norms
 from semantic_aug.guidance_prefix import paired_halves, share_guidance_prefix
 from semantic_aug.utils import UserError
@@ -54,7 +55,7 @@ DEFAULT_COMPILE_MODE = "default"  # max-autotune spent >8 min autotuning SD v1.4
 # templates are left out of autotuning (cuDNN wins on SD's 3x3 convolutions), and so is coordinate-descent
 # tuning: both add many minutes of compile time for little gain.
 INDUCTOR_OPTIONS = {"conv_1x1_as_mm": True, "epilogue_fusion": False, "max_autotune_conv_backends": "ATEN"}
-ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math", "flash4")  # flash4: FlashAttention-4, optional
 
 
 def _sdpa_backends() -> dict:
@@ -120,7 +121,9 @@ class DiffusionSampler:
         mask_grow_radius: pixels (at 512²) by which object masks are grown before inpainting.
         compile_model: `torch.compile` the UNet and the VAE decoder (worth it for long runs on a GPU).
         compile_mode: a `torch.compile` mode (`COMPILE_MODES`).
-        attention_backend: `auto` (PyTorch's choice) or the SDPA kernel to prefer (`ATTENTION_BACKENDS`).
+        attention_backend: `auto`, the SDPA kernel to prefer, or `flash4` (FlashAttention-4 for the UNet's
+            head-dim-40 self-attention, `semantic_aug.flash_attention4`); see `ATTENTION_BACKENDS`. `auto` is
+            `flash4` on a Hopper GPU where `flash-attn-4` is installed, else PyTorch's SDPA choice.
     """
 
     def __init__(self, pipe, model_id: str, num_inference_steps: int = 50, resolution: int | None = None,
@@ -145,6 +148,8 @@ class DiffusionSampler:
         if self.resolution % self.latent_factor:
             raise UserError(f"resolution {self.resolution} must be a multiple of the VAE's factor {self.latent_factor}")
         self.mask_grow_radius = mask_grow_radius
+        if attention_backend == "auto" and flash_attention4_preferred(self.device):
+            attention_backend = "flash4"
         self.compile_model, self.compile_mode, self.attention_backend = compile_model, compile_mode, attention_backend
         self.scaling_factor = self.vae.config.scaling_factor
         self.inpainting_unet = self.unet.config.in_channels == 9  # 4 latents + 1 mask + 4 masked-image latents
@@ -186,6 +191,9 @@ class DiffusionSampler:
 
     def _prepare_for_speed(self) -> None:
         self.unet.fuse_qkv_projections()  # one matmul for Q, K and V instead of three
+        if self.attention_backend == "flash4":
+            check_flash_attention4(self.device)
+            use_flash_attention4(self.unet)
         if self.device.type == "cuda":
             fuse_group_norms(self.unet)  # GroupNorm(+SiLU) kernels that read channels_last as it lies
             fuse_group_norms(self.vae)
@@ -248,7 +256,7 @@ class DiffusionSampler:
 
     def _attention(self):
         """The SDPA kernel preference, as a context (the others stay as fall-backs for shapes it cannot run)."""
-        if self.attention_backend == "auto":
+        if self.attention_backend in ("auto", "flash4"):  # flash4 layers bypass SDPA; the rest keep its choice
             return contextlib.nullcontext()
         from torch.nn.attention import sdpa_kernel
 
