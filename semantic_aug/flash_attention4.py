@@ -2,11 +2,13 @@
 
 PyTorch's SDPA runs the SD v1 UNet's head dimension 40 on cuDNN padded to 64. FlashAttention-4's SM90 forward
 (the FlashAttention-3 design: warp-specialised producer and consumers, softmax overlapped with the matrix
-products) tiles it at 48. `use_flash_attention4(unet)` gives every plain attention layer of a diffusers UNet whose
-projections are fused (`fuse_qkv_projections`) a processor that calls it; layers it cannot take (masks, spatial or
-group norms, 4-d inputs) keep their processor. The kernel is wrapped as a `torch.library` custom op, so that
-`torch.compile` keeps it in one graph. Its output equals SDPA's within bf16 rounding; the generator's results are
-the same images up to that rounding, so the synthetic cache's fingerprint does not change with it.
+products) tiles it at 48. `use_flash_attention4(unet)` gives the plain self-attention layers of a diffusers UNet
+whose projections are fused (`fuse_qkv_projections`) and whose head dimension is at most `MAX_HEAD_DIM` (in SD v1,
+the 64² ones) a processor that calls it, since only there was it measured faster than cuDNN; other layers, and
+calls it cannot take (masks, 4-d inputs), keep PyTorch's SDPA. The kernel is wrapped as a `torch.library`
+custom op, so that `torch.compile` keeps it in one graph. Its output equals SDPA's within bf16 rounding; the
+generator's results are the same images up to that rounding, so the synthetic cache's fingerprint does not
+change with it.
 """
 
 from __future__ import annotations
