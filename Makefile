@@ -39,7 +39,8 @@ demo: setup
 
 test: setup
 	# pytest exits 5 when it collected no test: that is a broken suite, not a pass
-	$(BIN)/python -m pytest -q tests; rc=$$?; \
+	# one worker per core (at most 4): most of the time goes to script start-ups in subprocesses
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 clean:

@@ -57,6 +57,19 @@ def script_runner():
     return run_script
 
 
+def accelerate_launch(num_processes: int = 2) -> list[str]:
+    """`accelerate launch` on the CPU with `num_processes` processes, on a free port of its own: tests that run at
+    the same time (pytest-xdist workers) must not meet on torch.distributed's default port."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+            "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
+            "--dynamo_backend", "no"]
+
+
 def import_script(name: str):
     """Import a top-level script (`fine_tune`, ...) as a module, to call its `parse_args`/`main` in-process."""
     import importlib.util

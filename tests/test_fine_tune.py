@@ -6,7 +6,6 @@ milliseconds.
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import accelerate_launch
 from semantic_aug.embeddings import LEARNED_EMBEDS_NAME, LEARNED_EMBEDS_SAFE_NAME, load_tokens
 from semantic_aug.textual_inversion_training import (ClassSpec, PerRowAdamW, TextualInversionConfig,
                                                      TextualInversionTrainer, find_checkpoints)
@@ -268,9 +268,7 @@ def test_two_processes_learn_what_one_process_learns(one_process_run, tmp_path, 
     one = one_process_run[0]
     two = tmp_path / "two"
     env = dict(os.environ, PYTHONPATH=str(repo_root))
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              str(repo_root / "fine_tune.py"), *fine_tune_args(two)]
+    launch = [*accelerate_launch(2), str(repo_root / "fine_tune.py"), *fine_tune_args(two)]
     result = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("(1 on this process)") == 2  # each process learned one of the two classes

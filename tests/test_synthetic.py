@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import accelerate_launch
 from semantic_aug.embeddings import embedding_noise, save_tokens, token_name
 from semantic_aug.few_shot_dataset import FolderFewShotDataset
 from semantic_aug.prompts import write_prompt_csv
@@ -241,8 +241,7 @@ def test_two_processes_split_the_work(first_run, toy, tmp_path):
     script.write_text(WORKER)
     folder = tmp_path / "two_processes"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch = accelerate_launch(2)
     result = subprocess.run(launch + [str(script), str(Path(__file__).parent), str(toy.root), str(folder)], env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
