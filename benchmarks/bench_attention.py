@@ -119,15 +119,22 @@ def sdpa_backends(q, k, v, backends, repeats: int) -> dict[str, float]:
     return times
 
 
+def flash_attention4_checked(name: str, run, reference, repeats: int) -> float:
+    """Milliseconds of `run()` (a FlashAttention-4 call giving [rows, tokens, heads, d]), checked against SDPA's
+    [rows, heads, tokens, d] `reference`; printed with its largest difference."""
+    error = (run().transpose(1, 2).float() - reference.float()).abs().max().item()
+    ms = cuda_time(run, repeats)
+    print(f"    {name}: {ms:.3f} ms, max |diff| {error:.1e}", flush=True)
+    return ms
+
+
 def flash_attention4_time(q, k, v, reference, repeats: int) -> dict[str, float]:
     """Milliseconds of FlashAttention-4 (`semantic_aug.flash_attention4`, optional) on the same views, checked."""
     from semantic_aug.flash_attention4 import flash_attention4
 
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [rows, tokens, heads, d] views, as the processor passes them
-    error = (flash_attention4(q, k, v).transpose(1, 2).float() - reference.float()).abs().max().item()
-    ms = cuda_time(lambda: flash_attention4(q, k, v), repeats)
-    print(f"    flash-attn-4: {ms:.3f} ms, max |diff| {error:.1e}", flush=True)
-    return {"flash-attn-4": ms}
+    return {"flash-attn-4": flash_attention4_checked("flash-attn-4", lambda: flash_attention4(q, k, v), reference,
+                                                     repeats)}
 
 
 FLASH4_TILES = [(m, n) for m in (64, 128, 192) for n in (64, 96, 128, 160, 176, 192, 224, 256)]
@@ -147,9 +154,7 @@ def flash_attention4_tiles(q, k, v, reference, repeats: int) -> dict[str, float]
                 run = lambda: _flash_attn_fwd(q, k, v, tile_mn=tile, mma_pv_is_rs=rs,  # noqa: E731
                                               intra_wg_overlap=overlap)[0]
                 try:
-                    error = (run().transpose(1, 2).float() - reference.float()).abs().max().item()
-                    times[name] = cuda_time(run, repeats)
-                    print(f"    {name}: {times[name]:.3f} ms, max |diff| {error:.1e}", flush=True)
+                    times[name] = flash_attention4_checked(name, run, reference, repeats)
                 except Exception as failure:  # a tiling that does not fit (registers, shared memory)
                     print(f"    {name}: failed ({type(failure).__name__}: {str(failure).splitlines()[0][:80]})",
                           flush=True)

@@ -148,7 +148,9 @@ class DiffusionSampler:
         if self.resolution % self.latent_factor:
             raise UserError(f"resolution {self.resolution} must be a multiple of the VAE's factor {self.latent_factor}")
         self.mask_grow_radius = mask_grow_radius
-        if attention_backend == "auto" and flash_attention4_preferred(self.device):
+        if attention_backend == "flash4":
+            check_flash_attention4(self.device)
+        elif attention_backend == "auto" and flash_attention4_preferred(self.device):
             attention_backend = "flash4"
         self.compile_model, self.compile_mode, self.attention_backend = compile_model, compile_mode, attention_backend
         self.scaling_factor = self.vae.config.scaling_factor
@@ -192,7 +194,6 @@ class DiffusionSampler:
     def _prepare_for_speed(self) -> None:
         self.unet.fuse_qkv_projections()  # one matmul for Q, K and V instead of three
         if self.attention_backend == "flash4":
-            check_flash_attention4(self.device)
             use_flash_attention4(self.unet)
         if self.device.type == "cuda":
             fuse_group_norms(self.unet)  # GroupNorm(+SiLU) kernels that read channels_last as it lies
