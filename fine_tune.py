@@ -28,7 +28,7 @@ import torch
 
 from semantic_aug.datasets import add_dataset_arguments, create_dataset
 from semantic_aug.embeddings import class_folder_name
-from semantic_aug.stable_diffusion import default_resolution, load_sd_components, load_tokenizer
+from semantic_aug.stable_diffusion import default_resolution, enable_compile_cache, load_sd_components, load_tokenizer
 from semantic_aug.textual_inversion_training import (TEMPLATES, ClassSpec, TextualInversionConfig,
                                                      TextualInversionTrainer)
 from semantic_aug.utils import (UserError, check_flag_minimum, make_output_dir, pick_device, remove_stale_temporaries,
@@ -118,8 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="Low-precision UNet/VAE (bf16 recommended on GPUs); the learned vectors stay fp32.")
     speed.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False,
                        help="Recompute activations in the backward pass: less memory, slower.")
-    speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                       help="Run the UNet through torch.compile (faster on GPUs after a warm-up).")
+    speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="Run the UNet through torch.compile (default: on a GPU, where 1000 updates take about "
+                            "a third less time; the compiled code is cached on disk for the next run).")
     speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
                        help="Channels-last UNet weights (faster convolutions on tensor cores).")
     speed.add_argument("--allow_tf32", action=argparse.BooleanOptionalAction, default=False,
@@ -307,8 +308,11 @@ def main(args: argparse.Namespace) -> None:
     run_settings = {"model": args.pretrained_model_name_or_path, "revision": args.revision,
                     "tokenizer": args.tokenizer_name, "unet_ckpt": args.unet_ckpt}
     first_config = training_config(args, resolution, args.examples_per_class[0])
+    compile_unet = accelerator.device.type == "cuda" if args.compile is None else args.compile
+    if compile_unet:
+        enable_compile_cache()
     trainer = TextualInversionTrainer(tokenizer, text_encoder, vae, unet, noise_scheduler, first_config, accelerator,
-                                      gradient_checkpointing=args.gradient_checkpointing, compile=args.compile,
+                                      gradient_checkpointing=args.gradient_checkpointing, compile=compile_unet,
                                       channels_last=args.channels_last, run_settings=run_settings)
 
     for seed in args.seeds:

@@ -24,6 +24,7 @@ A quick CPU check (Custom COCO ships with the package; efficientnet_lite0 works 
 from __future__ import annotations
 
 import argparse
+import glob
 import itertools
 import logging
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from semantic_aug.classifiers import FewShotClassifier, list_backbones
 from semantic_aug.datasets import add_dataset_arguments, create_dataset, get_dataset_class
 from semantic_aug.few_shot_dataset import FolderFewShotDataset
 from semantic_aug.filtering import DEFAULT_FILTER_MODE, FILTER_CONFIDENCE_THRESHOLD, FILTER_MODE_HELP, FILTER_MODES
+from semantic_aug.stable_diffusion import enable_compile_cache
 from semantic_aug.training import (classifier_filename, default_num_workers, evaluate, fit, load_classifier,
                                    results_csv_path, save_classifier, test_csv_path)
 from semantic_aug.utils import (UserError, atomic_write_csv, check_flag_minimum, pick_device, restart_marker, run_cli,
@@ -51,6 +53,8 @@ TEST_SPLITS = ("test", "test_uncommon_context")
 SPLIT_ALIASES = {"test_uncommon": "test_uncommon_context"}  # the reference's name for the uncommon split
 DEFAULT_STRENGTH = 0.7  # the README's DIAGen settings; the reference crashed when they were left out
 DEFAULT_GUIDANCE_SCALE = 15.0
+DEFAULT_GENERATION_BATCH_SIZE = 32  # fills an H100/H200 (bench_generation.py); the images do not depend on it
+GENERATION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,11 +87,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite-synthetic", action=argparse.BooleanOptionalAction, default=False,
                         help="when --synthetic-dir holds images made with other settings, move it aside and "
                              "regenerate (default: stop with an error)")
-    parser.add_argument("--generation-batch-size", type=int, default=8, help="images per diffusion pipeline call")
+    parser.add_argument("--generation-batch-size", type=int, default=DEFAULT_GENERATION_BATCH_SIZE,
+                        help="images per diffusion pipeline call (the images do not depend on it)")
+    parser.add_argument("--generation-dtype", default="auto", choices=("auto", *GENERATION_DTYPES),
+                        help="weight dtype of the diffusion model; auto: bf16 on a GPU, fp32 on the CPU")
     parser.add_argument("--num-inference-steps", type=int, default=50,
                         help="diffusion scheduler steps at strength 1 (img2img runs strength x steps of them)")
-    parser.add_argument("--compile-generation", action=argparse.BooleanOptionalAction, default=False,
-                        help="torch.compile the diffusion model (pays off on long GPU runs)")
+    parser.add_argument("--compile-generation", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the diffusion model (default: on a GPU; its compiled code is cached on "
+                             "disk, so only a machine's first run pays the warm-up)")
     parser.add_argument("--model-path", default="CompVis/stable-diffusion-v1-4",
                         help="Stable Diffusion: a hub id, a local diffusers folder, or `tiny` (embedded, for tests)")
     parser.add_argument("--aug", nargs="+", default=["textual-inversion"], choices=list_augmentations(),
@@ -216,6 +224,14 @@ def plan_run(args: argparse.Namespace, seed: int, examples_per_class: int) -> Ru
                models_root=Path(args.models_root) if args.models_root else logdir.parent / "models")
 
 
+def sibling_synthetic_dirs(args: argparse.Namespace, run: Run) -> list[str]:
+    """The synthetic folders of the same (seed, examples per class) under other --method names: a set made there
+    with the same settings is linked instead of generated again."""
+    fields = dict(dataset=args.dataset, examples_per_class=run.examples_per_class, method="*", seed=run.seed)
+    pattern = fill_template(args.synthetic_dir, "--synthetic-dir", **fields)
+    return sorted(glob.glob(glob.escape(pattern).replace(glob.escape("*"), "*"))) if "*" in pattern else []
+
+
 def check_test_splits(args: argparse.Namespace) -> None:
     """Fail before any training if a --eval_on_test_set folder is missing (the shipped Custom COCO has no
     test_uncommon_context)."""
@@ -254,6 +270,21 @@ def load_split(args: argparse.Namespace, run: Run, split: str):
                           bad_images=args.bad_images)
 
 
+def generation_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--generation-dtype: `auto` is bf16 on a GPU (as fast as fp16 there, with fp32's range) and fp32 on the CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return GENERATION_DTYPES[name]
+
+
+def compile_generation(args: argparse.Namespace, device: torch.device) -> bool:
+    """--compile-generation, on by default on a GPU; with it, compiled code is kept on disk for the next run."""
+    compile_model = device.type == "cuda" if args.compile_generation is None else args.compile_generation
+    if compile_model:
+        enable_compile_cache()
+    return compile_model
+
+
 def generate_synthetic(args: argparse.Namespace, run: Run, train_dataset, device: torch.device, accelerator):
     """`--num-synthetic` images per real training image (cached in the run's synthetic folder); returns the manifest."""
     from semantic_aug.synthetic import build_augmentation, generate_synthetic_images
@@ -264,11 +295,11 @@ def generate_synthetic(args: argparse.Namespace, run: Run, train_dataset, device
         guidance_scale=args.guidance_scale, mask=args.mask, inverted=args.inverted, probs=args.probs,
         compose=args.compose, use_embedding_noise=args.use_embedding_noise,
         use_generated_prompts=args.use_generated_prompts, prompt_path=args.prompt_path, device=device,
-        dtype=torch.float16 if device.type == "cuda" else torch.float32, erasure_ckpt_path=args.erasure_ckpt_path,
-        num_inference_steps=args.num_inference_steps, compile_model=args.compile_generation)
+        dtype=generation_dtype(args.generation_dtype, device), erasure_ckpt_path=args.erasure_ckpt_path,
+        num_inference_steps=args.num_inference_steps, compile_model=compile_generation(args, device))
     manifest = generate_synthetic_images(train_dataset, augmentation, args.num_synthetic, run.synthetic_dir, run.seed,
                                          batch_size=args.generation_batch_size, accelerator=accelerator,
-                                         overwrite=args.overwrite_synthetic)
+                                         overwrite=args.overwrite_synthetic, shared_dirs=sibling_synthetic_dirs(args, run))
     del augmentation  # the diffusion model leaves the GPU before the classifier trains
     if device.type == "cuda":
         torch.cuda.empty_cache()

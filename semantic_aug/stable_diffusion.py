@@ -35,6 +35,27 @@ def cache_root() -> Path:
     return Path(os.environ.get("DIAGEN_CACHE", Path.home() / ".cache" / "diagen")).expanduser()
 
 
+def enable_compile_cache() -> Path:
+    """Keep `torch.compile`'s generated code on disk under `cache_root()/torch-compile`, so that every run after the
+    first (the next run of an experiment grid, a rerun) loads the compiled UNet instead of generating it again. A
+    folder set in `TORCHINDUCTOR_CACHE_DIR` is kept. Call it once, from a script, before compiling.
+
+    Returns:
+        The cache folder.
+    """
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # importing diffusers already fills the variable with PyTorch's default (a /tmp folder): replace only that
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root() / "torch-compile")
+    folder = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    inductor_config.fx_graph_cache = True  # Inductor's compiled graphs
+    functorch_config.enable_autograd_cache = True  # the traced forward/backward graphs around them
+    return folder
+
+
 def load_tokenizer(path: str | os.PathLike = TOKENIZER_DIR):
     """The SD1.x CLIP tokenizer (from a model folder's `tokenizer/` or the shipped files)."""
     from transformers import CLIPTokenizer

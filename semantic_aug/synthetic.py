@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,8 +42,8 @@ from semantic_aug.augmentations.generative_augmentation import check_strength_an
 from semantic_aug.augmentations.sampler import DEFAULT_COMPILE_MODE
 from semantic_aug.embeddings import load_tokens, stable_seed
 from semantic_aug.prompts import read_prompt_csv
-from semantic_aug.utils import (UserError, atomic_save_image, atomic_write_csv, atomic_write_text,
-                                remove_stale_temporaries)
+from semantic_aug.utils import (StageTimer, UserError, atomic_path, atomic_save_image, atomic_write_csv,
+                                atomic_write_text, remove_stale_temporaries)
 
 logger = logging.getLogger(__name__)
 
@@ -272,6 +273,46 @@ def check_cache(synthetic_dir: Path, settings: dict, overwrite: bool) -> str:
                     f"--overwrite-synthetic to move the old images aside")
 
 
+def link_identical_images(synthetic_dir: Path, fingerprint: str, paths: Sequence[str],
+                          shared_dirs: Sequence[str | os.PathLike]) -> int:
+    """Hard-link into `synthetic_dir` the images that another folder made with the same settings fingerprint
+    (for example DA-Fusion's set for DA-Fusion + filter: the filter only weights images), so no set is generated
+    twice. Falls back to copying where links are impossible. Only missing files are filled in.
+
+    Args:
+        synthetic_dir: the folder being filled.
+        fingerprint: its settings fingerprint; a candidate folder counts only if its `settings.json` has the same.
+        paths: every planned image path of `synthetic_dir`.
+        shared_dirs: candidate folders (the same run's other methods).
+
+    Returns:
+        The number of images linked or copied.
+    """
+    missing = {Path(p).name: Path(p) for p in paths if not Path(p).is_file()}
+    linked = 0
+    for folder in map(Path, shared_dirs):
+        if not missing or folder.resolve() == synthetic_dir.resolve():
+            continue
+        try:
+            other = json.loads((folder / SETTINGS_NAME).read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if other.get("fingerprint") != fingerprint:
+            continue
+        for name in [name for name in missing if (folder / name).is_file()]:
+            target = missing.pop(name)
+            with atomic_path(target) as temporary:
+                temporary.unlink()  # os.link makes the name itself
+                try:
+                    os.link(folder / name, temporary)
+                except OSError:
+                    shutil.copyfile(folder / name, temporary)
+            linked += 1
+        if linked:
+            logger.info("synthetic images: %d linked from %s (same settings)", linked, folder)
+    return linked
+
+
 def _move_aside(folder: Path) -> Path:
     number = 1
     while folder.with_name(f"{folder.name}.old-{number}").exists():
@@ -322,6 +363,7 @@ def _generate_rows(dataset, augmentation: GenerativeAugmentation, manifest: pd.D
     real_indices = manifest["real_idx"].tolist()
     seeds, paths = manifest["seed"].tolist(), manifest["path"].tolist()
     loaded: dict[int, tuple] = {}
+    timer = StageTimer("generation", "images")
     with ImageWriter() as writer, tqdm(total=len(rows), unit="img", desc="synthetic images", disable=not show_progress,
                                        dynamic_ncols=True) as bar:
         for start in range(0, len(rows), batch_size):
@@ -332,15 +374,19 @@ def _generate_rows(dataset, augmentation: GenerativeAugmentation, manifest: pd.D
             generated = augmentation.generate([loaded[real_indices[i]][0] for i in batch],
                                               [loaded[real_indices[i]][1] for i in batch],
                                               [choices[i] for i in batch], [seeds[i] for i in batch])
+            timer.step(len(batch))  # the first call compiles; later ones queue behind the GPU's work
             for position, i in enumerate(batch):
                 writer.submit(generated, position, paths[i])
             bar.update(writer.collect(max_pending=PENDING_BATCHES * batch_size))
         bar.update(writer.collect(max_pending=0))
+    if show_progress and rows:
+        logger.info(timer.summary())
 
 
 def generate_synthetic_images(dataset, augmentation: GenerativeAugmentation, num_synthetic: int,
                               synthetic_dir: str | os.PathLike, seed: int, batch_size: int = 8, accelerator=None,
-                              progress: bool = True, overwrite: bool = False) -> pd.DataFrame:
+                              progress: bool = True, overwrite: bool = False,
+                              shared_dirs: Sequence[str | os.PathLike] = ()) -> pd.DataFrame:
     """Make (or reuse) `num_synthetic` synthetic images per real image of `dataset` in `synthetic_dir`.
 
     Args:
@@ -353,6 +399,8 @@ def generate_synthetic_images(dataset, augmentation: GenerativeAugmentation, num
         accelerator: an accelerate `Accelerator`; with several processes each makes its share of the images.
         progress: show a progress bar (images/s) on the main process.
         overwrite: move a folder made with other settings aside instead of refusing it.
+        shared_dirs: other folders whose images are linked in, where their settings are the same
+            (`link_identical_images`).
 
     Returns:
         The manifest (`MANIFEST_COLUMNS`, one row per image), also written to `{synthetic_dir}/manifest.csv`.
@@ -384,6 +432,7 @@ def generate_synthetic_images(dataset, augmentation: GenerativeAugmentation, num
             logger.info("removed %d unfinished file(s) of an interrupted run from %s", removed, synthetic_dir)
         if action != "reuse":
             atomic_write_text(synthetic_dir / SETTINGS_NAME, json.dumps(settings, indent=1, sort_keys=True))
+        link_identical_images(synthetic_dir, settings["fingerprint"], manifest["path"].tolist(), shared_dirs)
     barrier()
 
     # 2. this process's share of the missing images

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from semantic_aug.embeddings import (LEARNED_EMBEDS_NAME, add_tokens_to_text_encoder, save_learned_embeds, stable_seed,
                                      token_name)
-from semantic_aug.utils import UserError, atomic_torch_save
+from semantic_aug.utils import StageTimer, UserError, atomic_torch_save
 
 logger = logging.getLogger(__name__)
 
@@ -657,6 +657,7 @@ class TrainingGroup:
         """Run updates until every class has `max_train_steps`; checkpoint, save and log along the way."""
         trainer, config = self.trainer, self.trainer.config
         first_step = min(self.steps)
+        timer = StageTimer("textual inversion", "updates")
         with tqdm(total=config.max_train_steps - first_step, desc=f"textual inversion, {len(self.classes)} class(es)",
                   disable=not trainer.accelerator.is_local_main_process) as progress:  # closed on errors too
             while self.active_rows():
@@ -670,9 +671,13 @@ class TrainingGroup:
                 progress.set_postfix(loss=f"{sum(step_losses.values()) / len(step_losses):.4f}")
                 trainer.accelerator.log({f"loss/{self.classes[row].name}": loss
                                          for row, loss in step_losses.items()}, step=max(self.steps))
-                progress.update(min(self.steps) - first_step - progress.n)
+                done = min(self.steps) - first_step - progress.n
+                progress.update(done)
+                timer.step(done)
                 if on_step is not None:
                     on_step(self)
+        if timer.units and trainer.accelerator.is_local_main_process:
+            logger.info(timer.summary())
 
     def _after_update(self, row: int) -> None:
         config, step = self.trainer.config, self.steps[row]

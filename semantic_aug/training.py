@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from semantic_aug.classifiers import FewShotClassifier
 from semantic_aug.few_shot_dataset import RANDOM_CROP_SCALE, RANDOM_ROTATION_DEGREES, class_balanced_sampler
-from semantic_aug.utils import UserError, atomic_torch_save, load_image
+from semantic_aug.utils import StageTimer, UserError, atomic_torch_save, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -596,6 +596,7 @@ def fit(model: nn.Module, train_dataset, val_dataset, *, num_epochs: int, iterat
     examples_per_class = getattr(train_dataset, "examples_per_class", None)
     best_state, best_epoch, best_value = None, -1, None
     bar = tqdm(total=num_epochs * iterations_per_epoch, desc="train", disable=not progress, unit="it")
+    timer = StageTimer("training", "iterations")
     for epoch in range(num_epochs):
         started = time.perf_counter()
         model.train()
@@ -618,6 +619,7 @@ def fit(model: nn.Module, train_dataset, val_dataset, *, num_epochs: int, iterat
             sums += _class_sums(loss_per_sample, logits.argmax(dim=1) == labels, labels, num_classes)
             bar.update(1)
         train_metrics = ClassMetrics.from_sums(sums)  # the epoch's one host sync
+        timer.step(iterations_per_epoch)
         timings["epoch_train_seconds"].append(time.perf_counter() - started)
         timings["train_images"] += batch_size * iterations_per_epoch
         records += [(epoch, value, metric, "Training") for value, metric in metric_rows(train_metrics, class_names)]
@@ -638,6 +640,7 @@ def fit(model: nn.Module, train_dataset, val_dataset, *, num_epochs: int, iterat
             break
     bar.close()
     timings["train_seconds"] = float(sum(timings["epoch_train_seconds"]))
+    logger.info("%s (validation %.1f s of it)", timer.summary(), timings["val_seconds"])
 
     model.load_state_dict(best_state)
     history = pd.DataFrame.from_records(

@@ -16,6 +16,7 @@ import os
 import random
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -252,3 +253,34 @@ def check_flag_minimum(parser: argparse.ArgumentParser, args: argparse.Namespace
         value = getattr(args, dest)
         if any(item is not None and item < minimum for item in (value if isinstance(value, list) else [value])):
             parser.error(f"{spelling[dest]} must be {bound}, got {value}")
+
+
+class StageTimer:
+    """Wall time of a loop of units (updates, images, iterations), with the first step apart: compilation and
+    cuDNN's autotuning land there. `benchmarks/bench_run.py` reads the `summary()` line from the scripts' logs.
+
+    Args:
+        name: what the loop does (`textual inversion`, `generation`, `classifier`).
+        unit: what one unit is (`updates`, `images`, `iterations`).
+    """
+
+    def __init__(self, name: str, unit: str):
+        self.name, self.unit = name, unit
+        self.started = time.perf_counter()
+        self.first_seconds: float | None = None
+        self.first_units = self.units = 0
+
+    def step(self, units: int = 1) -> None:
+        """Count `units` finished since the last call (the caller has waited for the device's work)."""
+        if units <= 0:
+            return
+        self.units += units
+        if self.first_seconds is None:
+            self.first_seconds, self.first_units = time.perf_counter() - self.started, self.units
+
+    def summary(self) -> str:
+        total = time.perf_counter() - self.started
+        steady_units, steady_seconds = self.units - self.first_units, total - (self.first_seconds or 0.0)
+        rate = steady_units / steady_seconds if steady_units and steady_seconds > 0 else float("nan")
+        return (f"timing: {self.name}: {self.units} {self.unit} in {total:.1f} s; first step "
+                f"{self.first_seconds or 0.0:.1f} s (warm-up included), then {rate:.2f} {self.unit}/s")

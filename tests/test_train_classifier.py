@@ -141,3 +141,33 @@ def test_bad_inputs_raise_user_errors(script, tmp_path, monkeypatch, arguments, 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match=re.escape(message)):
         script.main(script.parse_args([*QUICK, "--device", "cpu", *arguments]))
+
+
+def test_methods_with_identical_generation_settings_share_one_set(script_runner, data_dir, tmp_path):
+    """A second method whose images would be the same (here: the first plus the filter) links them, and a method with
+    other generation settings makes its own."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = tmp_path / "tokens.pt"
+    save_tokens({token_name(name): torch.randn(32, generator=generator) for name in CUSTOM_COCO_CLASSES}, tokens)
+    generation = ["--data-dir", data_dir, "--model-path", "tiny", "--embed-path", tokens, "--num-synthetic", "1",
+                  "--num-inference-steps", "2", "--strength", "0.5", *QUICK]
+
+    def synthetic_files(method):
+        folder = tmp_path / "RESULTS" / "custom_coco_1epc" / method / "synthetics_seed_0"
+        return {path.name: path for path in folder.glob("*.png")}
+
+    script_runner("train_classifier.py", *generation, "--method", "da_fusion", "--guidance-scale", "7.5",
+                  cwd=tmp_path, env=SINGLE_THREAD, check=True)
+    shared = script_runner("train_classifier.py", *generation, "--method", "da_fusion_filter", "--guidance-scale", "7.5",
+                           "--synthetic_filter", "train", "--models-root", tmp_path / "models",
+                           cwd=tmp_path, env=SINGLE_THREAD, check=True)
+    first, second = synthetic_files("da_fusion"), synthetic_files("da_fusion_filter")
+    assert len(first) == len(CUSTOM_COCO_CLASSES) and first.keys() == second.keys()
+    assert all(first[name].stat().st_ino == second[name].stat().st_ino for name in first)  # links, not copies
+    assert f"{len(CUSTOM_COCO_CLASSES)} linked from" in shared.stderr
+
+    other = script_runner("train_classifier.py", *generation, "--method", "other_guidance", "--guidance-scale", "5",
+                          cwd=tmp_path, env=SINGLE_THREAD, check=True)
+    third = synthetic_files("other_guidance")
+    assert "linked from" not in other.stderr and third.keys() == first.keys()
+    assert all(third[name].stat().st_ino != first[name].stat().st_ino for name in first)
