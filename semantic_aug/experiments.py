@@ -13,9 +13,11 @@ The runner plans one job per script call:
 3. `train_classifier.py` per (method, seed, examples per class), logging to
    `{results_dir}/{dataset}_{epc}epc/{method}/logs`, the layout `report.py` reads.
 
-A job whose outputs exist is skipped, so a rerun resumes the grid. Jobs run one per GPU at a time
+A job whose outputs exist is skipped, so a rerun resumes the grid. `plan_jobs` is the whole plan; an executor
+(`semantic_aug.executors`) runs it: `--executor local` runs `--jobs-per-gpu` jobs at a time on each GPU
 (`CUDA_VISIBLE_DEVICES` names the GPU; the scripts then use "their" GPU 0), or one at a time on a CPU-only
-machine. Each job writes its own log file (appended to on reruns). When the grid is done the report
+machine; `--executor slurm` submits the jobs to a Slurm cluster through submitit, prerequisites as Slurm
+dependencies. Each job writes its own log file (appended to on reruns). When the grid is done the report
 (`semantic_aug.reporting`) is built from the results folder.
 
 Flags in the config: a key is the script's flag without `--`, spelled as the script spells it
