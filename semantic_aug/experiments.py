@@ -13,9 +13,11 @@ The runner plans one job per script call:
 3. `train_classifier.py` per (method, seed, examples per class), logging to
    `{results_dir}/{dataset}_{epc}epc/{method}/logs`, the layout `report.py` reads.
 
-A job whose outputs exist is skipped, so a rerun resumes the grid. Jobs run one per GPU at a time
+A job whose outputs exist is skipped, so a rerun resumes the grid. `plan_jobs` is the whole plan; an executor
+(`semantic_aug.executors`) runs it: `--executor local` runs `--jobs-per-gpu` jobs at a time on each GPU
 (`CUDA_VISIBLE_DEVICES` names the GPU; the scripts then use "their" GPU 0), or one at a time on a CPU-only
-machine. Each job writes its own log file (appended to on reruns). When the grid is done the report
+machine; `--executor slurm` submits the jobs to a Slurm cluster through submitit, prerequisites as Slurm
+dependencies. Each job writes its own log file (appended to on reruns). When the grid is done the report
 (`semantic_aug.reporting`) is built from the results folder.
 
 Flags in the config: a key is the script's flag without `--`, spelled as the script spells it
@@ -31,25 +33,28 @@ import logging
 import os
 import re
 import shlex
-import subprocess
 import sys
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from semantic_aug.executors import (REPO_ROOT, Scheduler, SlurmExecutor, SlurmSettings, describe_submissions,
+                                    visible_gpus, worker_slots)
 from semantic_aug.utils import UserError, run_cli, str2bool
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]  # the top-level scripts live here
 CONFIG_KEYS = {
     "dataset": None, "data_dir": None, "results_dir": "RESULTS", "model_path": "CompVis/stable-diffusion-v1-4",
     "seeds": [0, 1, 2], "examples_per_class": [2, 4, 8], "eval_splits": ["test"], "models_root": "models",
     "fine_tune": {}, "aggregate_embeddings": {}, "prompts": {}, "filter": {}, "train_classifier": {}, "methods": None,
-    "report": True,
+    "report": True, "executor": "local", "jobs_per_gpu": 1, "max_retries": 1, "slurm": {},
 }
+EXECUTORS = ("local", "slurm")
+# The `slurm:` keys of a config (SlurmSettings' fields; `time` in minutes).
+SLURM_KEYS = {"partition": "partition", "account": "account", "qos": "qos", "gpus_per_job": "gpus_per_job",
+              "cpus_per_job": "cpus_per_job", "mem": "mem", "time": "time_min", "array_parallelism": "array_parallelism",
+              "sbatch": "sbatch", "poll_seconds": "poll_seconds", "folder": "folder"}
 # Flags the runner sets itself per job; a config that sets them would contradict the grid.
 RUNNER_FLAGS = {
     "fine_tune": {"pretrained_model_name_or_path", "dataset", "seeds", "examples-per-class", "data-dir"},
@@ -65,7 +70,6 @@ METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # becomes a folder na
 TEST_SPLITS = ("test", "test_uncommon_context")  # what train_classifier.py --eval_on_test_set evaluates
 DEFAULT_AUG = "textual-inversion"  # train_classifier.py's default --aug
 DEFAULT_NUM_SYNTHETIC = 10  # train_classifier.py's default --num-synthetic
-POLL_SECONDS = 0.2  # how often idle workers look for a job whose prerequisites finished
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -110,6 +114,12 @@ def load_config(path: str | os.PathLike) -> dict:
         if flags is not None and not isinstance(flags, dict):
             raise UserError(f"method {method} in {path} must map flags to values (or be empty)")
         config["methods"][method] = flags or {}
+    config["slurm"] = config["slurm"] or {}
+    if not isinstance(config["slurm"], dict) or not isinstance(config["slurm"].get("sbatch") or {}, dict):
+        raise UserError(f"slurm in {path} must be a mapping of settings to values (slurm.sbatch: options to values)")
+    unknown = sorted(set(config["slurm"]) - set(SLURM_KEYS))
+    if unknown:
+        raise UserError(f"unknown slurm setting(s) {', '.join(unknown)} in {path}; known: {', '.join(SLURM_KEYS)}")
     for key in ("seeds", "examples_per_class", "eval_splits"):
         config[key] = [config[key]] if isinstance(config[key], (int, str)) else list(config[key] or [])
     _check_runner_flags(config, path)
@@ -396,144 +406,6 @@ def check_dataset(config: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# running
-
-
-def visible_gpus(requested: str | None = None) -> list[str]:
-    """The GPU ids to hand out, one job each, through CUDA_VISIBLE_DEVICES.
-
-    Args:
-        requested: comma-separated ids ("0,1"; "none" or "" for the CPU); None: every GPU torch sees (within an existing
-            CUDA_VISIBLE_DEVICES).
-
-    Returns:
-        The ids as strings; empty on a machine without GPUs.
-    """
-    if requested is not None:
-        return [gpu.strip() for gpu in requested.split(",") if gpu.strip() and gpu.strip().lower() not in ("none", "cpu")]
-    import torch
-
-    count = torch.cuda.device_count()
-    visible = [gpu.strip() for gpu in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if gpu.strip()]
-    return visible[:count] if visible else [str(index) for index in range(count)]
-
-
-class Scheduler:
-    """Runs jobs on workers (one per GPU, or one CPU worker), each job after the jobs it needs.
-
-    A failed job blocks the jobs that need it; the others go on. Statuses: done, skipped, failed, blocked.
-    """
-
-    def __init__(self, jobs: list[Job], devices: list[str | None]):
-        self.jobs = {job.name: job for job in jobs}
-        self.order = [job.name for job in jobs]
-        self.devices = devices or [None]
-        self.status: dict[str, str] = {}
-        self.running: dict[str, subprocess.Popen] = {}
-        self.lock = threading.Lock()
-        self.stopping = threading.Event()
-        self.progress = None  # the tqdm bar while `run` runs
-
-    def next_job(self) -> tuple[Job | None, bool]:
-        """The first job not yet started whose prerequisites all succeeded, and whether any job is left to start.
-
-        Jobs whose prerequisites failed are marked blocked on the way. (None, True): wait for running jobs.
-        """
-        with self.lock:
-            pending = [name for name in self.order if name not in self.status]
-            for name in pending:
-                needs = [self.status.get(need) for need in self.jobs[name].needs]
-                if any(state in ("failed", "blocked") for state in needs):
-                    self.status[name] = "blocked"
-                    logger.warning("blocked: %s (a job it needs failed)", name)
-                    self.advance()
-                elif all(state in ("done", "skipped") for state in needs):
-                    self.status[name] = "running"
-                    return self.jobs[name], True
-            return None, any(name not in self.status for name in self.order)
-
-    def advance(self) -> None:
-        """Count one more job as finished on the progress bar."""
-        if self.progress is not None:
-            self.progress.update()
-
-    def run_job(self, job: Job, device: str | None) -> str:
-        """Run one job (unless done) with its output appended to its log; returns done, skipped or failed."""
-        if job.done():
-            return "skipped"
-        env = dict(os.environ, PYTHONUNBUFFERED="1",
-                   PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-        if device is not None:
-            env["CUDA_VISIBLE_DEVICES"] = device
-        job.log.parent.mkdir(parents=True, exist_ok=True)
-        where = f"GPU {device}" if device is not None else "CPU"
-        logger.info("start: %s on %s (log: %s)", job.name, where, job.log)
-        started = time.monotonic()
-        with open(job.log, "a") as log:
-            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} on {where}: {job.display()}\n")
-            log.flush()
-            try:
-                process = subprocess.Popen(job.command(), stdout=log, stderr=subprocess.STDOUT, env=env)
-            except OSError as error:
-                log.write(f"could not start: {error}\n")
-                return "failed"
-            with self.lock:
-                self.running[job.name] = process
-            returncode = process.wait()
-            with self.lock:
-                self.running.pop(job.name, None)
-            log.write(f"=== exit code {returncode} after {time.monotonic() - started:.0f} s\n")
-        if returncode != 0 or not job.produced():
-            logger.error("failed: %s (exit code %s%s; log: %s)", job.name, returncode,
-                         "" if returncode else ", outputs missing", job.log)
-            return "failed"
-        logger.info("done: %s in %.0f s", job.name, time.monotonic() - started)
-        return "done"
-
-    def worker(self, device: str | None) -> None:
-        """Take jobs and run them on `device` until none is left (or Ctrl-C)."""
-        while not self.stopping.is_set():
-            job, jobs_left = self.next_job()
-            if job is None:
-                if not jobs_left:
-                    return
-                time.sleep(POLL_SECONDS)
-                continue
-            try:
-                state = self.run_job(job, device)
-            except Exception:  # a bug in one job must not hang the other workers
-                logger.exception("failed: %s", job.name)
-                state = "failed"
-            with self.lock:
-                self.status[job.name] = state
-                self.advance()
-
-    def run(self) -> dict[str, str]:
-        """Run everything; returns job name -> status. Ctrl-C stops the running jobs and re-raises."""
-        from tqdm.auto import tqdm
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
-        with tqdm(total=len(self.jobs), desc="experiment jobs", unit="job") as progress, logging_redirect_tqdm():
-            self.progress = progress
-            threads = [threading.Thread(target=self.worker, args=(device,), daemon=True) for device in self.devices]
-            for thread in threads:
-                thread.start()
-            try:
-                while any(thread.is_alive() for thread in threads):
-                    for thread in threads:
-                        thread.join(timeout=POLL_SECONDS)
-            except KeyboardInterrupt:
-                self.stopping.set()
-                with self.lock:
-                    for process in self.running.values():
-                        process.terminate()
-                raise
-            finally:
-                self.progress = None
-        return dict(self.status)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # command line
 
 
@@ -541,7 +413,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="experiment YAML, e.g. experiments/custom_coco.yaml")
     parser.add_argument("--dry-run", action=argparse.BooleanOptionalAction, default=False,
-                        help="print the commands (marking those whose results exist) and run nothing")
+                        help="print the commands (marking those whose results exist), the work and estimated time per "
+                             "stage, and with --executor slurm the sbatch settings and job count; run nothing")
     parser.add_argument("--methods", nargs="+", default=None, help="run only these methods of the config")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the config's seeds")
     parser.add_argument("--examples-per-class", type=int, nargs="+", default=None,
@@ -550,38 +423,123 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--results-dir", default=None, help="override the config's results_dir")
     parser.add_argument("--eval-splits", nargs="*", default=None, choices=TEST_SPLITS,
                         help="override the config's eval_splits (splits the best classifier is tested on)")
+    parser.add_argument("--executor", default=None, choices=EXECUTORS,
+                        help="where the jobs run: `local` on this machine's GPUs, `slurm` as sbatch jobs through "
+                             "submitit (default: the config's `executor`, else local)")
     parser.add_argument("--gpus", default=None,
-                        help="comma-separated GPU ids to spread the jobs over, one job per GPU (default: every GPU "
-                             "torch sees); `none` runs one job at a time on the CPU")
+                        help="comma-separated GPU ids to spread the jobs over (default: every GPU torch sees); `none` "
+                             "runs one job at a time on the CPU; the dry run estimates the wall time for these GPUs")
+    parser.add_argument("--jobs-per-gpu", type=int, default=None,
+                        help="local executor: jobs that share one GPU at a time, each with CUDA_VISIBLE_DEVICES of "
+                             "its GPU (default: the config's `jobs_per_gpu`, else 1)")
+    parser.add_argument("--max-retries", type=int, default=None,
+                        help="runs of a failed (Slurm: also cancelled, pre-empted or timed-out) job after the first; "
+                             "the scripts resume from their checkpoints (default: the config's `max_retries`, else 1)")
+    slurm = parser.add_argument_group("Slurm (--executor slurm; each overrides the key of the config's `slurm:`)")
+    slurm.add_argument("--slurm-partition", default=None, help="sbatch --partition (default: the cluster's)")
+    slurm.add_argument("--slurm-account", default=None, help="sbatch --account (default: none)")
+    slurm.add_argument("--slurm-qos", default=None, help="sbatch --qos (default: none)")
+    slurm.add_argument("--slurm-gpus-per-job", type=int, default=None,
+                       help=f"GPUs per job, 0 for CPU jobs (default: {SlurmSettings.gpus_per_job})")
+    slurm.add_argument("--slurm-cpus-per-job", type=int, default=None,
+                       help=f"CPU cores per job (default: {SlurmSettings.cpus_per_job})")
+    slurm.add_argument("--slurm-mem", default=None, help="memory per job, e.g. 32G (default: the partition's)")
+    slurm.add_argument("--slurm-time", type=int, default=None,
+                       help=f"time limit per job in minutes; a job that reaches it is requeued and resumes "
+                            f"(default: {SlurmSettings.time_min})")
+    slurm.add_argument("--slurm-array-parallelism", type=int, default=None,
+                       help=f"tasks of one job array running at once (default: {SlurmSettings.array_parallelism})")
+    slurm.add_argument("--slurm-option", action="append", default=None, metavar="KEY=VALUE",
+                       help="a further sbatch option without `--` (e.g. constraint=h100); repeatable (default: none)")
+    slurm.add_argument("--slurm-poll-seconds", type=float, default=None,
+                       help=f"how often the runner asks squeue about its jobs (default: {SlurmSettings.poll_seconds:g})")
+    slurm.add_argument("--slurm-folder", default=None,
+                       help="submitit's job files and Slurm's stdout/stderr (default: {results_dir}/slurm)")
     parser.add_argument("--report", action=argparse.BooleanOptionalAction, default=None,
                         help="build the results table and plots when the grid is done (default: the config's "
                              "`report`, on unless set false)")
     return parser.parse_args()
 
 
+def slurm_settings(config: dict, args: argparse.Namespace | None = None) -> SlurmSettings:
+    """The sbatch settings: the config's `slurm:` keys, overridden by the `--slurm-*` flags.
+
+    Raises:
+        UserError: for a malformed `--slurm-option` or a non-positive count.
+    """
+    values = {SLURM_KEYS[key]: value for key, value in config["slurm"].items() if value is not None}
+    values.setdefault("folder", str(Path(config["results_dir"]) / "slurm"))
+    values["sbatch"] = dict(values.get("sbatch") or {})
+    if args is not None:
+        for name in ("partition", "account", "qos", "gpus_per_job", "cpus_per_job", "mem", "array_parallelism",
+                     "poll_seconds", "folder"):
+            if getattr(args, f"slurm_{name}") is not None:
+                values[name] = getattr(args, f"slurm_{name}")
+        if args.slurm_time is not None:
+            values["time_min"] = args.slurm_time
+        for option in args.slurm_option or []:
+            key, separator, value = option.partition("=")
+            if not separator or not key.strip():
+                raise UserError(f"--slurm-option {option!r} must be KEY=VALUE (an sbatch option without --, e.g. "
+                                f"constraint=h100)")
+            values["sbatch"][key.strip().lstrip("-")] = value
+    settings = SlurmSettings(**values)
+    for name in ("cpus_per_job", "time_min", "array_parallelism"):
+        if int(getattr(settings, name)) < 1:
+            raise UserError(f"slurm {name} must be at least 1, got {getattr(settings, name)}")
+    if settings.gpus_per_job < 0 or settings.poll_seconds <= 0:
+        raise UserError(f"slurm gpus_per_job must be 0 or more and poll_seconds above 0, got "
+                        f"{settings.gpus_per_job} and {settings.poll_seconds}")
+    return settings
+
+
 def main(args: argparse.Namespace) -> None:
+    from semantic_aug.grid_cost import describe_cost
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
     config = load_config(args.config)
     for key, override in (("seeds", args.seeds), ("examples_per_class", args.examples_per_class),
                           ("data_dir", args.data_dir), ("results_dir", args.results_dir),
-                          ("eval_splits", args.eval_splits), ("report", args.report)):
+                          ("eval_splits", args.eval_splits), ("report", args.report), ("executor", args.executor),
+                          ("jobs_per_gpu", args.jobs_per_gpu), ("max_retries", args.max_retries)):
         if override is not None:
             config[key] = override
+    if config["executor"] not in EXECUTORS:
+        raise UserError(f"executor {config['executor']!r} in {args.config} is not one of {', '.join(EXECUTORS)}")
+    if int(config["jobs_per_gpu"]) < 1 or int(config["max_retries"]) < 0:
+        raise UserError(f"jobs_per_gpu must be at least 1 and max_retries 0 or more, got {config['jobs_per_gpu']} "
+                        f"and {config['max_retries']}")
+    slurm = slurm_settings(config, args) if config["executor"] == "slurm" else None
     check_dataset(config)
     jobs = plan_jobs(config, args.methods)
     gpus = visible_gpus(args.gpus)
-    where = f"GPUs {', '.join(gpus)} (one job per GPU)" if gpus else "the CPU (one job at a time)"
+    per_gpu = int(config["jobs_per_gpu"])
+    if slurm is not None:
+        where = "Slurm (sbatch through submitit)"
+    elif gpus:
+        where = f"GPUs {', '.join(gpus)} ({'one job' if per_gpu == 1 else f'{per_gpu} jobs'} per GPU)"
+    else:
+        where = "the CPU (one job at a time)"
 
     if args.dry_run:
         done = [job.done() for job in jobs]
         for job, finished in zip(jobs, done):
             print(f"{'[skip]' if finished else '[run] '} {job.display()}")
+        print("\n".join(describe_cost(jobs, config, len(gpus))))
+        if slurm is not None:
+            print("# sbatch settings of every job (dependencies per array: --dependency=afterok:<ids>):")
+            print("\n".join(slurm.sbatch_lines()))
+            pending = {job.name for job, finished in zip(jobs, done) if not finished}
+            where = f"Slurm as {describe_submissions(jobs, pending)}, up to {config['max_retries']} resubmission(s) each"
         print(f"# {len(jobs)} jobs: {len(jobs) - sum(done)} to run, {sum(done)} already done (skipped); "
               f"would run on {where}")
         return
 
     logger.info("%d jobs (%d already done) from %s, on %s", len(jobs), sum(job.done() for job in jobs), args.config, where)
-    status = Scheduler(jobs, gpus or [None]).run()
+    if slurm is not None:
+        status = SlurmExecutor(jobs, slurm, max_retries=int(config["max_retries"])).run()
+    else:
+        status = Scheduler(jobs, worker_slots(gpus, per_gpu), max_retries=int(config["max_retries"])).run()
     failed = [name for name in status if status[name] == "failed"]
     blocked = [name for name in status if status[name] == "blocked"]
     logger.info("finished: %d run, %d skipped, %d failed, %d blocked", list(status.values()).count("done"),

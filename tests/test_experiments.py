@@ -10,6 +10,8 @@ import yaml
 from semantic_aug.datasets.custom_coco import CUSTOM_COCO_CLASSES
 from semantic_aug import experiments
 from semantic_aug.experiments import Job, Scheduler, flag_arguments, load_config, plan_jobs
+from semantic_aug.executors import worker_slots
+from semantic_aug.grid_cost import STAGE_RATES, STAGES, grid_cost, simulate_wall_time
 from semantic_aug.prompts import write_prompt_csv
 from semantic_aug.utils import UserError
 
@@ -257,3 +259,101 @@ def test_a_real_grid_runs_logs_reports_and_resumes(tmp_path, module_runner):
     result = module_runner("-m", "semantic_aug.experiments", "--config", tmp_path / "experiment.yaml", *cpu_only,
                            "--no-report", cwd=tmp_path, check=True)
     assert "1 jobs (1 already done)" in result.stderr and log.read_text() == before
+
+
+def test_jobs_per_gpu_packs_jobs_on_one_gpu_and_failed_jobs_are_retried(tmp_path):
+    """Two jobs on one (fake) GPU with --jobs-per-gpu 2 run at the same time: each waits for the other to start."""
+    meet = script(tmp_path, "meet.py", """
+        import os, sys, time
+        from pathlib import Path
+        mine, other = Path(sys.argv[1] + ".started"), Path(sys.argv[2] + ".started")
+        mine.write_text("")
+        for _ in range(600):  # at most a minute: a lone job gives up and fails
+            if other.exists():
+                break
+            time.sleep(0.1)
+        Path(sys.argv[1]).write_text(os.environ["CUDA_VISIBLE_DEVICES"] if other.exists() else "alone")
+    """)
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    out.mkdir()
+    jobs = [Job("a", meet, [str(out / "a"), str(out / "b")], [out / "a"], logs / "a.log"),
+            Job("b", meet, [str(out / "b"), str(out / "a")], [out / "b"], logs / "b.log")]
+    assert worker_slots(["3"], 2) == ["3", "3"] and worker_slots([], 4) == [None]
+    status = Scheduler(jobs, worker_slots(["3"], 2)).run()
+    assert status == {"a": "done", "b": "done"}
+    assert (out / "a").read_text() == (out / "b").read_text() == "3"
+
+    # a job that fails once and then succeeds is done with one retry (and failed without one)
+    flaky = script(tmp_path, "flaky.py", """
+        import sys
+        from pathlib import Path
+        tries = Path(sys.argv[1] + ".tries")
+        tries.write_text(tries.read_text() + "x" if tries.exists() else "x")
+        if len(tries.read_text()) < 2:
+            sys.exit(1)
+        Path(sys.argv[1]).write_text("ok")
+    """)
+    assert Scheduler([Job("f", flaky, [str(out / "f")], [out / "f"], logs / "f.log")], [None]).run() == {"f": "failed"}
+    (out / "f.tries").unlink()
+    status = Scheduler([Job("f", flaky, [str(out / "f")], [out / "f"], logs / "f.log")], [None], max_retries=1).run()
+    assert status == {"f": "done"} and (logs / "f.log").read_text().count("=== exit code") == 3
+
+
+def test_dry_run_cost_table_follows_the_measured_rates(tmp_path, monkeypatch, capsys):
+    write_config(tmp_path, fine_tune={"max_train_steps": 100, "train_batch_size": 4},
+                 train_classifier={"classifier-backbone": "efficientnet_lite0", "num-synthetic": 2,
+                                   "iterations-per-epoch": 10, "num-epochs": 3, "batch-size": 16,
+                                   "compile-generation": True})
+    run_main(tmp_path, monkeypatch, "--dry-run", "--gpus", "0,1", "--seeds", "0", "--examples-per-class", "2")
+    out = capsys.readouterr().out.splitlines()
+    rows = {line[2:20].strip(): line[20:].split() for line in out if line.startswith("# ") and line[2:20].strip()
+            in STAGES}
+    classes = len(CUSTOM_COCO_CLASSES)
+    assert rows["Textual Inversion"][:4] == ["1", "100", "0", "0"]
+    assert rows["generation"][:3] == ["2", "0", str(2 * 2 * 2 * classes)]  # da_fusion, diagen: 2 per real image
+    assert rows["classifier"][:4] == ["3", "0", "0", str(3 * 30)]
+    # the estimate: Textual Inversion set-up + samples at the measured rate, as the table in grid_cost says
+    config = load_config(tmp_path / "experiment.yaml")
+    config.update(seeds=[0], examples_per_class=[2])
+    cost = grid_cost(plan_jobs(config), config)
+    seconds = STAGE_RATES["textual_inversion_setup_s"] + 100 * 4 * classes / STAGE_RATES["textual_inversion_samples_per_s"]
+    assert cost.job_seconds["fine_tune custom_coco seed 0 2epc"] == pytest.approx(seconds)
+    generation = 2 * 2 * classes / STAGE_RATES["generation_images_per_s"] + STAGE_RATES["generation_compile_s"]
+    assert cost.stages["generation"].seconds == pytest.approx(2 * generation)
+    assert any(line.startswith("# estimated wall time on 2 GPU(s):") for line in out)
+
+    run_main(tmp_path, monkeypatch, "--dry-run", "--gpus", "none", "--seeds", "0")
+    assert any(line.startswith("# no GPU visible: no wall-time estimate") for line in capsys.readouterr().out.splitlines())
+
+
+def test_wall_time_simulation_respects_dependencies_and_gpus():
+    jobs = [Job("ti", "fine_tune.py", [], [], Path("l")), Job("agg", "aggregate_embeddings.py", [], [], Path("l"),
+                                                                needs=["ti"]),
+            Job("base", "train_classifier.py", [], [], Path("l")),
+            Job("run", "train_classifier.py", [], [], Path("l"), needs=["agg"])]
+    seconds = {"ti": 100.0, "agg": 10.0, "base": 50.0, "run": 30.0}
+    assert simulate_wall_time(jobs, seconds, 1) == (190.0, 140.0)  # one GPU: the sum; the chain ti -> agg -> run
+    assert simulate_wall_time(jobs, seconds, 2) == (140.0, 140.0)  # two GPUs: the baseline beside the chain
+
+
+def test_slurm_dry_run_prints_sbatch_settings_and_arrays(tmp_path, monkeypatch, capsys):
+    write_config(tmp_path, slurm={"partition": "gpu", "account": "lab", "mem": "32G", "time": 600,
+                                  "sbatch": {"constraint": "h100"}})
+    run_main(tmp_path, monkeypatch, "--dry-run", "--gpus", "none", "--executor", "slurm", "--slurm-qos", "high",
+             "--slurm-option", "exclude=node3")
+    out = capsys.readouterr().out.splitlines()
+    sbatch = [line for line in out if line.startswith("#SBATCH")]
+    assert sbatch == ["#SBATCH --partition=gpu", "#SBATCH --account=lab", "#SBATCH --qos=high",
+                      "#SBATCH --gpus-per-node=1", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=32G",
+                      "#SBATCH --time=600", "#SBATCH --constraint=h100", "#SBATCH --exclude=node3",
+                      "#SBATCH --kill-on-invalid-dep=yes"]
+    # per (seed, epc): fine_tune, filter and baseline share no prerequisites -> 3 arrays of 4 tasks; aggregation
+    # (after its fine_tune), da_fusion (after aggregation), diagen (after aggregation and filter): one each
+    assert out[-1] == ("# 24 jobs: 24 to run, 0 already done (skipped); would run on Slurm as 24 Slurm jobs in 15 "
+                       "submissions (job arrays of 1 to 4 tasks), 3 level(s) of dependencies, up to 1 "
+                       "resubmission(s) each")
+    with pytest.raises(UserError, match="--slurm-option 'exclude' must be KEY=VALUE"):
+        run_main(tmp_path, monkeypatch, "--dry-run", "--executor", "slurm", "--slurm-option", "exclude")
+    write_config(tmp_path, slurm={"partitions": "gpu"})
+    with pytest.raises(UserError, match="unknown slurm setting"):
+        load_config(tmp_path / "experiment.yaml")
