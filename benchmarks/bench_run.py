@@ -72,6 +72,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num-synthetic", type=int, default=10, help="synthetic images per real image "
                                                                       "(default: %(default)s, the paper's)")
     parser.add_argument("--image-size", type=int, default=256, help="classifier resolution (default: %(default)s)")
+    parser.add_argument("--run", action=argparse.BooleanOptionalAction, default=True,
+                        help="the DIAGen run and its projections (--no-run: only the --extra stages)")
     parser.add_argument("--extra", nargs="*", default=[], choices=EXTRAS, help="optional stages (see above)")
     parser.add_argument("--cache-images-per-real", type=int, default=4,
                         help="compile-cache stage: synthetic images per real image (default: %(default)s)")
@@ -175,8 +177,10 @@ def run_extras(args: argparse.Namespace, bench: Bench, model: str) -> None:
         generation = [*common, "--model-path", model, "--aug", "real-guidance", "--num-synthetic",
                       args.cache_images_per_real, "--num-inference-steps", args.num_inference_steps, "--num-epochs", 1,
                       "--iterations-per-epoch", 1]
-        for name, extra in (("generation_cold_cache", []), ("generation_warm_cache", []),
-                            ("generation_fp16", ["--generation-dtype", "fp16"])):
+        # each run another guidance scale: the same settings would link the first run's images (same graphs, though)
+        for name, extra in (("generation_cold_cache", ["--guidance-scale", 15]),
+                            ("generation_warm_cache", ["--guidance-scale", 14]),
+                            ("generation_fp16", ["--guidance-scale", 13, "--generation-dtype", "fp16"])):
             bench.script(name, "train_classifier.py", *generation, *extra, "--method", name, env=cache)
     if "packing" in args.extra:
         baseline = [*common, "--num-synthetic", 0, "--num-epochs", args.epochs,
@@ -255,9 +259,11 @@ def main(args: argparse.Namespace) -> None:
               f"transformers {transformers.__version__}, Python {platform.python_version()}")
     bench.say(f"# command: {shlex.join([sys.executable, *sys.argv])}")
     model = prepare_models(args, bench)
-    run_stages(args, bench, model)
+    if args.run:
+        run_stages(args, bench, model)
     run_extras(args, bench, model)
-    project(args, bench)
+    if args.run:
+        project(args, bench)
 
 
 if __name__ == "__main__":
