@@ -266,11 +266,13 @@ class FolderFewShotDataset(FewShotDataset):
                         skipped)
         return per_class
 
-    def check_class_sizes(self, per_class: list[list[Path]], examples_per_class: int | None) -> None:
-        """The split rule's minimum: every class fills `examples_per_class` training images (None: not checked) and
-        keeps `MIN_VAL_IMAGES` after its training pool for validation; otherwise a one-line `UserError` naming the
-        class, its image count and the fix."""
+    def check_split_rule(self, examples_per_class: int | None) -> None:
+        """The split rule's minimum, checked by every script before any work (`check_dataset_arguments`): each class
+        of `train-val` fills `examples_per_class` training images (None: not checked) and keeps `MIN_VAL_IMAGES`
+        after its training pool for validation; otherwise a one-line `UserError` naming the class, its image count
+        and the fix. (A split built without this check may lack a class, which evaluation leaves out of its means.)"""
         pool = self.train_pool_size
+        per_class = self.list_class_images(self.data_dir / self.split_folders["val"])
         for class_name, files in zip(self.class_names, per_class):
             count = len(files)
             folder = self.data_dir / self.split_folders["val"] / class_name
@@ -300,8 +302,6 @@ class FolderFewShotDataset(FewShotDataset):
     def select_images(self, split: str, seed: int, examples_per_class: int | None) -> tuple[list[Path], list[int]]:
         """The (paths, labels) of `split`, few-shot selected by `seed` for `train`."""
         per_class = self.list_class_images(self.data_dir / self.split_folders[split])
-        if split == "val" or (split == TRAIN_SPLIT and examples_per_class is not None):
-            self.check_class_sizes(per_class, examples_per_class if split == TRAIN_SPLIT else None)
         paths, labels = [], []
         rng = np.random.default_rng(seed)
         for label, files in enumerate(per_class):
@@ -310,6 +310,9 @@ class FolderFewShotDataset(FewShotDataset):
                 if split == TRAIN_SPLIT:
                     files = files[: min(self.train_pool_size, len(files))]
                     if examples_per_class is not None:
+                        if examples_per_class > len(files):
+                            raise UserError(f"examples_per_class={examples_per_class} but class "
+                                            f"{self.class_names[label]!r} has only {len(files)} training images")
                         files = files[:examples_per_class]
                 else:
                     files = files[self.train_pool_size:]

@@ -198,9 +198,9 @@ def add_dataset_module_argument(parser) -> None:
 def check_dataset_arguments(args, examples_per_class=()) -> None:
     """The up-front dataset check of every script, before any long work: loads nothing heavy.
 
-    Sets `args.dataset` to its key (`dataset_key`) and, for folder datasets, builds the training split of the
-    largest `examples_per_class` once, which checks the class folders and the split rule (every class fills its
-    training examples and keeps a validation image) with a one-line `UserError`.
+    Sets `args.dataset` to its key (`dataset_key`) and, for folder datasets, builds the training pool once (checking
+    the class folders and image files) and checks the split rule (`FolderFewShotDataset.check_split_rule`: every
+    class fills the largest `examples_per_class` and keeps a validation image), each with a one-line `UserError`.
 
     Args:
         args: parsed flags with `dataset`, `data_dir` and optionally `train_pool_size`, `bad_images`.
@@ -211,9 +211,12 @@ def check_dataset_arguments(args, examples_per_class=()) -> None:
     args.dataset = dataset_key(args.dataset, args.data_dir)
     examples_per_class = [e for e in (examples_per_class or []) if e is not None]
     if examples_per_class and issubclass(get_dataset_class(args.dataset), FolderFewShotDataset):
-        create_dataset(args.dataset, split="train", examples_per_class=max(examples_per_class),
-                       data_dir=args.data_dir, train_pool_size=getattr(args, "train_pool_size", None),
-                       bad_images=getattr(args, "bad_images", "error"))
+        largest = max(examples_per_class)
+        # built without examples_per_class, so that the split rule's message comes first; the pool's images are read
+        dataset = create_dataset(args.dataset, split="train", data_dir=args.data_dir,
+                                 train_pool_size=getattr(args, "train_pool_size", None),
+                                 bad_images=getattr(args, "bad_images", "error"))
+        dataset.check_split_rule(largest)
 
 
 def create_dataset(name: str, **kwargs):
