@@ -296,7 +296,8 @@ def plan_jobs(config: dict, methods: list[str] | None = None) -> list[Job]:
         if generate:
             prompt_job = Job(f"generate_prompts {dataset}", "generate_prompts.py",
                              ["--dataset", dataset, "--outdir", str(prompt_path.parent), "--out-filename",
-                              prompt_path.name, *(data_flags if not get_dataset_class(dataset).class_names else []), *flag_arguments(generate)],
+                              prompt_path.name, *(data_flags if not get_dataset_class(dataset).class_names else []),
+                              *flag_arguments(generate)],
                              [prompt_path], pipeline_logs / f"generate_prompts_{dataset}.log",
                              complete=lambda: _prompts_cover_classes(prompt_path, dataset))
             jobs.append(prompt_job)
