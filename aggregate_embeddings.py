@@ -17,7 +17,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from semantic_aug.datasets import create_dataset, get_dataset_class, list_datasets
+from semantic_aug.datasets import (DatasetChoices, add_dataset_module_argument, create_dataset, dataset_key,
+                                   get_dataset_class, list_datasets)
 from semantic_aug.embeddings import (collect_class_tokens, embedding_noise, save_tokens, stable_seed,
                                      tokens_path)
 from semantic_aug.utils import run_cli, str2bool
@@ -32,10 +33,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--examples-per-class", type=int, nargs="+", default=[2, 4, 8],
                         help="Examples per class of the fine_tune.py runs to merge.")
     parser.add_argument("--input-path", default="./fine-tuned", help="The fine-tuned/ folder that fine_tune.py wrote.")
-    parser.add_argument("--dataset", default="custom_coco", choices=list_datasets(),
+    parser.add_argument("--dataset", default="custom_coco", choices=DatasetChoices(list_datasets()),
                         help="Dataset the tokens belong to.")
     parser.add_argument("--data-dir", default=None,
-                        help="The dataset's folder; only needed where the class list comes from the data (coco).")
+                        help="The dataset's folder; only needed where the class list comes from the data (coco, "
+                             "folder).")
+    add_dataset_module_argument(parser)
     parser.add_argument("--augment-embeddings", type=str2bool, default=False,
                         help="Also write the noise file with noisy copies of every token (true/false).")
     parser.add_argument("--std-deviation", type=float, nargs="+", default=[0.005, 0.01, 0.025],
@@ -61,6 +64,7 @@ def class_names_of(dataset: str, seed: int, examples_per_class: int, data_dir: s
 
 def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args.dataset = dataset_key(args.dataset, args.data_dir)  # folder datasets: the paths carry the data fingerprint
     for seed in args.seeds:
         for examples_per_class in args.examples_per_class:
             class_names = class_names_of(args.dataset, seed, examples_per_class, args.data_dir)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from semantic_aug.datasets import add_dataset_arguments, create_dataset
+from semantic_aug.datasets import add_dataset_arguments, check_dataset_arguments, create_dataset
 from semantic_aug.embeddings import class_folder_name
 from semantic_aug.stable_diffusion import default_resolution, enable_compile_cache, load_sd_components, load_tokenizer
 from semantic_aug.textual_inversion_training import (TEMPLATES, ClassSpec, TextualInversionConfig,
@@ -299,6 +299,7 @@ def load_images(dataset, specs: list[ClassSpec]) -> None:
 def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     make_output_dir(Path(args.output_dir) / "fine-tuned")  # fail now, not after the first class has trained
+    check_dataset_arguments(args, args.examples_per_class)  # class folders and the split rule, before the model loads
     accelerator = build_accelerator(args)
     tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(args)
     resolution = args.resolution or default_resolution(unet, vae)
@@ -321,7 +322,8 @@ def main(args: argparse.Namespace) -> None:
             # 1. the few-shot training images of this (seed, epc), and the classes still to learn
             run_dir = Path(args.output_dir) / "fine-tuned" / f"{args.dataset}-{seed}-{examples_per_class}"
             dataset = create_dataset(args.dataset, split="train", examples_per_class=examples_per_class, seed=seed,
-                                     data_dir=args.data_dir, bad_images=args.bad_images)
+                                     data_dir=args.data_dir, bad_images=args.bad_images,
+                                     train_pool_size=args.train_pool_size)
             specs = class_specs(dataset, run_dir, args.classes)
             accelerator.wait_for_everyone()  # every process must see the same finished classes
             todo = [spec for spec in specs if not spec.finished]

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from semantic_aug.datasets import create_dataset, get_dataset_class, list_datasets
+from semantic_aug.datasets import (DatasetChoices, add_dataset_module_argument, create_dataset, get_dataset_class,
+                                   list_datasets)
 from semantic_aug.llm import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S, DTYPES, SHORT_NAMES, create_llm
 from semantic_aug.prompts import (CONTENT_STYLES, DEFAULT_CONTENT, generate_class_prompts, read_prompt_csv,
                                   write_prompt_csv)
@@ -47,10 +48,11 @@ def parse_args() -> argparse.Namespace:
                              f"default: %(default)s")
     parser.add_argument("--prompts-per-class", type=int, default=10,
                         help="distinct prompts every class gets (default: %(default)s)")
-    parser.add_argument("--dataset", default="coco", choices=list_datasets(),
+    parser.add_argument("--dataset", default="coco", choices=DatasetChoices(list_datasets()),
                         help="dataset whose classes get prompts (default: %(default)s)")
     parser.add_argument("--data-dir", default=None,
-                        help="dataset folder; only needed where the class names come from the data (coco)")
+                        help="dataset folder; only needed where the class names come from the data (coco, folder)")
+    add_dataset_module_argument(parser)
     parser.add_argument("--classes", nargs="+", default=None, help="only these classes (default: all of the dataset)")
     parser.add_argument("--content", default=None, choices=CONTENT_STYLES,
                         help=f"prompt style: the class in varied settings, with visual adjectives, both, or in "
@@ -96,6 +98,8 @@ def load_class_names(dataset: str, data_dir: str | None) -> list[str]:
     dataset_class = get_dataset_class(dataset)
     if dataset_class.class_names:
         return list(dataset_class.class_names)
+    if hasattr(dataset_class, "classes_in"):  # folder: the class folders of data_dir, no image read
+        return list(dataset_class.classes_in(data_dir))
     # the test split is the cheapest to build for COCO (val2017's annotations are a tenth of train2017's)
     split = "test" if "test" in dataset_class.splits else dataset_class.splits[0]
     return list(create_dataset(dataset, split=split, data_dir=data_dir).class_names)

@@ -34,7 +34,8 @@ import torch
 
 from semantic_aug.augmentations import COMPOSE_MODES, list_augmentations
 from semantic_aug.classifiers import FewShotClassifier, list_backbones
-from semantic_aug.datasets import add_dataset_arguments, create_dataset, get_dataset_class
+from semantic_aug.datasets import (add_dataset_arguments, check_dataset_arguments, create_dataset, data_fingerprint,
+                                   get_dataset_class)
 from semantic_aug.few_shot_dataset import FolderFewShotDataset
 from semantic_aug.filtering import DEFAULT_FILTER_MODE, FILTER_CONFIDENCE_THRESHOLD, FILTER_MODE_HELP, FILTER_MODES
 from semantic_aug.stable_diffusion import enable_compile_cache
@@ -265,9 +266,9 @@ def load_split(args: argparse.Namespace, run: Run, split: str):
         return create_dataset(args.dataset, split=split, examples_per_class=run.examples_per_class, seed=run.seed,
                               data_dir=args.data_dir, image_size=args.image_size,
                               synthetic_probability=args.synthetic_probability, use_randaugment=args.use_randaugment,
-                              bad_images=args.bad_images)
+                              bad_images=args.bad_images, train_pool_size=args.train_pool_size)
     return create_dataset(args.dataset, split=split, seed=run.seed, data_dir=args.data_dir, image_size=args.image_size,
-                          bad_images=args.bad_images)
+                          bad_images=args.bad_images, train_pool_size=args.train_pool_size)
 
 
 def generation_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -323,7 +324,8 @@ def attach_synthetic_images(args: argparse.Namespace, run: Run, train_dataset, m
         train_filter(args.dataset, run.seed, run.examples_per_class, data_dir=args.data_dir,
                      backbone=args.classifier_backbone, models_root=run.models_root, logdir=run.logdir,
                      iterations_per_epoch=args.iterations_per_epoch, max_epochs=args.num_epochs,
-                     batch_size=args.batch_size, image_size=args.image_size, bad_images=args.bad_images, device=device)
+                     batch_size=args.batch_size, image_size=args.image_size, bad_images=args.bad_images,
+                     train_pool_size=args.train_pool_size, device=device)
     filter_model = load_filter(filter_path(run.models_root, args.dataset, run.seed, run.examples_per_class), device)
     manifest = add_filter_weights(manifest, filter_model, train_dataset, seed=run.seed, device=device,
                                   manifest_path=run.synthetic_dir / "manifest.csv")
@@ -331,6 +333,12 @@ def attach_synthetic_images(args: argparse.Namespace, run: Run, train_dataset, m
                                                                         args.filter_threshold)
     train_dataset.set_synthetic_images(synthetic_images, sibling_weights)
     return loss_weights
+
+
+def data_dir_of(dataset, args: argparse.Namespace) -> str | None:
+    """The absolute data folder a run read (recorded in the checkpoint, so that evaluation finds it again)."""
+    folder = getattr(dataset, "data_dir", None) or args.data_dir
+    return str(Path(folder).resolve()) if folder else None
 
 
 def train(args: argparse.Namespace, run: Run, train_dataset, val_dataset, loss_weights, device: torch.device):
@@ -350,7 +358,9 @@ def train(args: argparse.Namespace, run: Run, train_dataset, val_dataset, loss_w
             "class_names": list(train_dataset.class_names), "dataset": args.dataset, "seed": run.seed,
             "examples_per_class": run.examples_per_class, "image_size": args.image_size, "method": args.method,
             "best_epoch": result.best_epoch, "num_synthetic": args.num_synthetic,
-            "synthetic_probability": args.synthetic_probability})
+            "synthetic_probability": args.synthetic_probability, "data_dir": data_dir_of(train_dataset, args),
+            "train_pool_size": getattr(train_dataset, "train_pool_size", None),
+            "data_fingerprint": data_fingerprint(args.dataset, args.data_dir)})
     return model
 
 
@@ -373,6 +383,7 @@ def main(args: argparse.Namespace) -> None:
     distributed = accelerator.num_processes > 1
     device = accelerator.device if distributed else pick_device(args.device)
 
+    check_dataset_arguments(args, args.examples_per_class)  # class folders and the split rule, before any work
     check_test_splits(args)
     runs = []
     for seed, examples_per_class in itertools.product(args.seeds, args.examples_per_class):

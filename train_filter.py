@@ -20,7 +20,7 @@ import argparse
 import logging
 
 from semantic_aug.classifiers import OFFLINE_BACKBONE, list_backbones
-from semantic_aug.datasets import add_dataset_arguments
+from semantic_aug.datasets import add_dataset_arguments, check_dataset_arguments
 from semantic_aug.filtering import TEMPERATURE_ITERATIONS, TEMPERATURE_LR, train_filter
 from semantic_aug.utils import check_flag_minimum, run_cli
 
@@ -70,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    check_dataset_arguments(args, args.examples_per_class)
     for seed in args.seeds:
         for examples_per_class in args.examples_per_class:
             path = train_filter(
@@ -79,7 +80,7 @@ def main(args: argparse.Namespace) -> None:
                 early_stopping_patience=args.early_stopping_patience or None, image_size=args.image_size,
                 use_randaugment=args.use_randaugment, temperature_lr=args.temperature_lr,
                 temperature_iterations=args.temperature_iterations, overwrite=args.overwrite,
-                bad_images=args.bad_images, device=args.device)
+                bad_images=args.bad_images, train_pool_size=args.train_pool_size, device=args.device)
             logger.info("filter ready: %s", path)
 
 

@@ -281,7 +281,11 @@ def plan_jobs(config: dict, methods: list[str] | None = None) -> list[Job]:
     from semantic_aug.filtering import filter_path
     from semantic_aug.training import results_csv_path, test_csv_path
 
-    dataset, data_dir, results_dir = config["dataset"], config["data_dir"], Path(config["results_dir"])
+    from semantic_aug.datasets import dataset_key, get_dataset_class
+
+    data_dir, results_dir = config["data_dir"], Path(config["results_dir"])
+    # folder datasets: the key carries the data fingerprint, so a run on another data folder is never "finished"
+    dataset = dataset_key(config["dataset"], data_dir)
     pipeline_logs = results_dir / "pipeline_logs"
     data_flags = ["--data-dir", str(data_dir)] if data_dir else []
     methods = methods or list(config["methods"])
@@ -302,7 +306,8 @@ def plan_jobs(config: dict, methods: list[str] | None = None) -> list[Job]:
         if generate:
             prompt_job = Job(f"generate_prompts {dataset}", "generate_prompts.py",
                              ["--dataset", dataset, "--outdir", str(prompt_path.parent), "--out-filename",
-                              prompt_path.name, *(data_flags if dataset == "coco" else []), *flag_arguments(generate)],
+                              prompt_path.name, *(data_flags if not get_dataset_class(dataset).class_names else []),
+                              *flag_arguments(generate)],
                              [prompt_path], pipeline_logs / f"generate_prompts_{dataset}.log",
                              complete=lambda: _prompts_cover_classes(prompt_path, dataset))
             jobs.append(prompt_job)

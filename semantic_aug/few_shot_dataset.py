@@ -11,6 +11,7 @@ weights expect (the reference normalised to [-1, 1] for ImageNet weights, which 
 from __future__ import annotations
 
 import abc
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 import torchvision.transforms as T
 from torch.utils.data import Dataset
 
-from semantic_aug.utils import IMAGE_EXTENSIONS, UserError, load_image
+from semantic_aug.utils import IMAGE_EXTENSIONS, UserError, is_image_file, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ DEFAULT_IMAGE_SIZE = 256
 RANDOM_CROP_SCALE = (0.7, 1.0)  # RandomResizedCrop area range used by DIAGen for Custom COCO and FOCUS
 RANDOM_ROTATION_DEGREES = 15
 BAD_IMAGE_POLICIES = ("error", "skip")
+TRAIN_POOL_SIZE = 8  # DIAGen's split rule: the first 8 shuffled train-val images of a class are its training pool
+MIN_VAL_IMAGES = 1  # every class keeps at least this many validation images (model selection needs them)
 
 
 def add_bad_images_argument(parser) -> None:
@@ -76,15 +79,19 @@ class FewShotDataset(Dataset, abc.ABC):
         transform: overrides the default per-split transform.
         bad_images: `error` stops at the first empty or corrupt image (naming it); `skip` leaves it out with a
             warning (datasets that check their files up front, such as `FolderFewShotDataset`).
+        train_pool_size: images per class that form the training pool, the rest being validation (None: the
+            dataset's own `train_pool_size`; `FolderFewShotDataset` uses it, COCO keeps its pool of 16).
     """
 
     class_names: Sequence[str] = ()
     splits: Sequence[str] = (TRAIN_SPLIT, "val", "test")
     random_crop: bool = True
+    train_pool_size: int | None = None
 
     def __init__(self, split: str = TRAIN_SPLIT, examples_per_class: int | None = None, seed: int = 0,
                  image_size: int = DEFAULT_IMAGE_SIZE, synthetic_probability: float = 0.0,
-                 use_randaugment: bool = False, transform=None, bad_images: str = "error"):
+                 use_randaugment: bool = False, transform=None, bad_images: str = "error",
+                 train_pool_size: int | None = None):
         if split not in self.splits:
             raise UserError(f"unknown split {split!r} for {type(self).__name__}; known splits: {', '.join(self.splits)}")
         if examples_per_class is not None and examples_per_class < 1:
@@ -93,6 +100,10 @@ class FewShotDataset(Dataset, abc.ABC):
             raise UserError(f"synthetic_probability must lie in [0, 1], got {synthetic_probability}")
         if bad_images not in BAD_IMAGE_POLICIES:
             raise UserError(f"bad_images must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {bad_images!r}")
+        if train_pool_size is not None and train_pool_size < 1:
+            raise UserError(f"--train-pool-size must be at least 1, got {train_pool_size}")
+        if train_pool_size is not None:
+            self.train_pool_size = train_pool_size
         self.bad_images = bad_images
         self.split = split
         self.examples_per_class = examples_per_class
@@ -178,12 +189,16 @@ class FewShotDataset(Dataset, abc.ABC):
 
 
 class FolderFewShotDataset(FewShotDataset):
-    """A dataset stored as `data_dir/{train-val,test,test_uncommon_context}/{class_name}/*.{jpg,jpeg,png}`.
+    """A dataset stored as `data_dir/{train-val,test,test_uncommon_context}/{class_name}/*` image files.
 
     Splits follow DIAGen: within `train-val`, each class's sorted file list is permuted by one
     `numpy.random.default_rng(seed)` (class by class, in `class_names` order); the first `train_pool_size`
     images form the training pool (train = the first `examples_per_class` of it) and the rest is `val`.
-    `test` and `test_uncommon_context` use every image of their folder.
+    `test` and `test_uncommon_context` use every image of their folder. A class with too few train-val images
+    for that rule (`examples_per_class` for training and `MIN_VAL_IMAGES` for validation) is a `UserError`.
+
+    Every file Pillow reads is an image, whatever the case of its extension (`IMAGE_EXTENSIONS` at least); hidden
+    files and files that are not images (`Thumbs.db`, text) are skipped with one log line counting them.
 
     A subclass sets `class_names`, and optionally `data_dir_env` (environment variable naming the folder)
     and `default_data_dir`.
@@ -196,7 +211,7 @@ class FolderFewShotDataset(FewShotDataset):
     splits = (TRAIN_SPLIT, "val", "test", "test_uncommon_context")
     split_folders = {TRAIN_SPLIT: "train-val", "val": "train-val", "test": "test",
                      "test_uncommon_context": "test_uncommon_context"}
-    train_pool_size = 8
+    train_pool_size = TRAIN_POOL_SIZE
     data_dir_env: str | None = None
     default_data_dir: str | os.PathLike | None = None
 
@@ -235,15 +250,54 @@ class FolderFewShotDataset(FewShotDataset):
         if unknown:
             raise UserError(f"unknown class folder(s) {', '.join(unknown)} in {folder}; "
                             f"{type(self).__name__} knows: {', '.join(self.class_names)}")
-        per_class = []
+        per_class, skipped = [], 0
         for class_name in self.class_names:
             class_dir = folder / class_name
-            files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS) \
-                if class_dir.is_dir() else []
+            entries = sorted(p for p in class_dir.iterdir() if p.is_file()) if class_dir.is_dir() else []
+            files = [p for p in entries if is_image_file(p)]
+            skipped += len(entries) - len(files)
             if not files:
-                raise UserError(f"no images for class {class_name!r}: {class_dir} is missing or empty")
+                raise UserError(f"no images for class {class_name!r}: {class_dir} is missing or holds no readable "
+                                f"image (read: {' '.join(IMAGE_EXTENSIONS)} in any case, and any other format "
+                                f"Pillow opens)")
             per_class.append(files)
+        if skipped:
+            logger.info("%s: skipped %d file(s) that are not images (hidden files, Thumbs.db, text, ...)", folder,
+                        skipped)
         return per_class
+
+    def check_split_rule(self, examples_per_class: int | None) -> None:
+        """The split rule's minimum, checked by every script before any work (`check_dataset_arguments`): each class
+        of `train-val` fills `examples_per_class` training images (None: not checked) and keeps `MIN_VAL_IMAGES`
+        after its training pool for validation; otherwise a one-line `UserError` naming the class, its image count
+        and the fix. (A split built without this check may lack a class, which evaluation leaves out of its means.)"""
+        pool = self.train_pool_size
+        per_class = self.list_class_images(self.data_dir / self.split_folders["val"])
+        for class_name, files in zip(self.class_names, per_class):
+            count = len(files)
+            folder = self.data_dir / self.split_folders["val"] / class_name
+            if examples_per_class is not None and count < examples_per_class + MIN_VAL_IMAGES:
+                raise UserError(f"examples_per_class={examples_per_class} but class {class_name!r} has only {count} "
+                                f"images in {folder}; it needs {examples_per_class} for training and "
+                                f"{MIN_VAL_IMAGES} for validation: add images or lower --examples-per-class")
+            if count < pool + MIN_VAL_IMAGES:
+                fit = count - MIN_VAL_IMAGES
+                raise UserError(f"class {class_name!r} has {count} images in {folder}: the training pool takes the "
+                                f"first {pool} (--train-pool-size) and leaves none for validation; add images (at "
+                                f"least {pool + MIN_VAL_IMAGES}) or pass --train-pool-size {fit} or less (at least "
+                                f"your largest --examples-per-class)")
+
+    @classmethod
+    def data_fingerprint(cls, data_dir: str | os.PathLike | None) -> str:
+        """A SHA-256 of the training data: the sorted relative paths and byte sizes of the image files in
+        `train-val/` (the images tokens, synthetic images and models are made from). Copies of the same files give
+        the same fingerprint; an added, removed, renamed or resized image changes it."""
+        root = cls.resolve_data_dir(data_dir) / cls.split_folders["val"]
+        digest = hashlib.sha256()
+        if root.is_dir():
+            for path in sorted(p for p in root.rglob("*") if is_image_file(p)):
+                digest.update(f"{path.relative_to(root).as_posix()}\t{path.stat().st_size}\n".encode())
+        return digest.hexdigest()
 
     def select_images(self, split: str, seed: int, examples_per_class: int | None) -> tuple[list[Path], list[int]]:
         """The (paths, labels) of `split`, few-shot selected by `seed` for `train`."""

@@ -277,6 +277,7 @@ def train_filter(dataset_name: str, seed: int, examples_per_class: int, *, data_
                  early_stopping_patience: int | None = 6, image_size: int = 256, use_randaugment: bool = True,
                  temperature_lr: float = TEMPERATURE_LR, temperature_iterations: int = TEMPERATURE_ITERATIONS,
                  overwrite: bool = False, bad_images: str = "error", device: str | torch.device | None = None,
+                 train_pool_size: int | None = None,
                  progress: bool = True) -> Path:
     """Train, calibrate and save the filter of one (dataset, seed, examples_per_class) run (SPEC train_filter.py).
 
@@ -306,6 +307,7 @@ def train_filter(dataset_name: str, seed: int, examples_per_class: int, *, data_
         temperature_iterations: LBFGS iterations of temperature scaling.
         overwrite: retrain even if the filter file exists (otherwise an existing filter is kept: resume).
         bad_images: `error` or `skip` for empty/corrupt image files (see `FewShotDataset`).
+        train_pool_size: the split rule the classifier uses (`--train-pool-size`; None: the dataset's).
         device: `cpu`, `cuda`, `cuda:1`, a GPU index, or None for CUDA when present.
         progress: show progress bars.
 
@@ -330,9 +332,9 @@ def train_filter(dataset_name: str, seed: int, examples_per_class: int, *, data_
         train_dataset = create_dataset(dataset_name, split=TRAIN_SPLIT, examples_per_class=examples_per_class,
                                        seed=seed,
                                        data_dir=data_dir, image_size=image_size, use_randaugment=use_randaugment,
-                                       bad_images=bad_images)
+                                       bad_images=bad_images, train_pool_size=train_pool_size)
         val_dataset = create_dataset(dataset_name, split="val", seed=seed, data_dir=data_dir, image_size=image_size,
-                                     bad_images=bad_images)
+                                     bad_images=bad_images, train_pool_size=train_pool_size)
         logger.info("filter %s seed %d epc %d: %d training / %d validation images, %s, up to %d epochs x %d batches "
                     "of %d",
                     dataset_name, seed, examples_per_class, len(train_dataset), len(val_dataset), backbone, max_epochs,

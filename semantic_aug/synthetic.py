@@ -206,7 +206,8 @@ def plan_synthetic_images(dataset, augmentation: GenerativeAugmentation, num_syn
 
 
 def dataset_settings(dataset) -> dict:
-    """The dataset selection behind a synthetic set: classes, split, seed, examples per class, and which images."""
+    """The dataset selection behind a synthetic set: classes, split, seed, examples per class, which images, and the
+    data's fingerprint (`FolderFewShotDataset.data_fingerprint`)."""
     data_dir = getattr(dataset, "data_dir", None)
     if hasattr(dataset, "image_paths"):
         paths = [str(p) for p in dataset.image_paths]
@@ -218,7 +219,9 @@ def dataset_settings(dataset) -> dict:
             "split": getattr(dataset, "split", None), "seed": getattr(dataset, "seed", None),
             "examples_per_class": getattr(dataset, "examples_per_class", None),
             "class_names": list(dataset.class_names), "num_images": len(dataset),
-            "images_sha256": settings_digest([dataset.labels.tolist(), paths])}
+            "images_sha256": settings_digest([dataset.labels.tolist(), paths]),
+            # the data itself (file names and sizes), so that another folder with the same names is not reused
+            "data_fingerprint": dataset.data_fingerprint(data_dir) if hasattr(dataset, "data_fingerprint") else None}
 
 
 def cache_settings(dataset, augmentation: GenerativeAugmentation, num_synthetic: int, seed: int) -> dict:

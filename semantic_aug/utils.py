@@ -23,7 +23,10 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# the extensions every dataset folder is read with (any case); a file with another extension is read too when
+# Pillow recognises its content, so these are the documented minimum
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels become white when an image is flattened to RGB
 # write failures that, like ENOSPC, mean the disk (or the process's share of it) is full
 DISK_LIMIT_ERRNOS = (errno.EDQUOT, errno.EFBIG)
 
@@ -37,11 +40,11 @@ def run_cli(main: Callable[[argparse.Namespace], object], parse_args: Callable[[
 
     Args:
         main: the script's main function.
-        parse_args: the script's argument parser (argparse already exits on bad flags).
+        parse_args: the script's argument parser (argparse exits on bad flags; a `UserError` found while
+            parsing, such as a dataset module that cannot be loaded, is reported like one from `main`).
     """
-    args = parse_args()
     try:
-        main(args)
+        main(parse_args())
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -182,8 +185,44 @@ def _pil_format(suffix: str) -> str:
     return {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP"}.get(suffix.lower(), "PNG")
 
 
+def is_image_file(path: str | os.PathLike) -> bool:
+    """Whether a dataset file is an image to read: a visible file with an image extension (any case, any format
+    Pillow registers), or one whose content Pillow recognises. `.DS_Store`, `Thumbs.db` and text files are not."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if path.name.startswith(".") or not path.is_file():
+        return False
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_EXTENSIONS or suffix in Image.registered_extensions():
+        return True
+    try:
+        with Image.open(path):
+            return True
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return False
+
+
+def to_rgb(image):
+    """The one rule by which every image becomes RGB: EXIF orientation applied, transparency (alpha or a palette's
+    transparent colour) composited onto white (`ALPHA_BACKGROUND`), grayscale repeated over the three channels, CMYK
+    and the other modes converted by Pillow."""
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        image = image.convert("RGBA")
+        flat = Image.new("RGB", image.size, ALPHA_BACKGROUND)
+        flat.paste(image, mask=image.getchannel("A"))
+        return flat
+    return image.convert("RGB")
+
+
 def load_image(path: str | os.PathLike):
-    """Open an image as RGB PIL, raising a `UserError` that names the file when it is empty or corrupt."""
+    """Open an image as RGB PIL (by `to_rgb`'s rule), raising a `UserError` that names the file when it is empty or
+    corrupt."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -194,7 +233,7 @@ def load_image(path: str | os.PathLike):
     try:
         with Image.open(path) as image:
             image.load()
-            return image.convert("RGB")
+            return to_rgb(image)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise UserError(f"corrupt image file: {path} ({error})") from None
 

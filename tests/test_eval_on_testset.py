@@ -31,17 +31,21 @@ def run_main(module, monkeypatch, *args) -> None:
     module.main(module.parse_args())
 
 
-@pytest.fixture(scope="module")
-def always_book(tmp_path_factory):
+def save_always_book(path, **metadata):
     """A classifier that predicts `book` for every image (zero head weights, a bias on that class)."""
     model = FewShotClassifier("efficientnet_lite0", len(CUSTOM_COCO_CLASSES), pretrained=False)
     with torch.no_grad():
         model.head.weight.zero_()
         model.head.bias.zero_()
         model.head.bias[PREDICTED] = 10.0
-    path = tmp_path_factory.mktemp("models") / "classifier_custom_coco_0_2.pth"
-    save_classifier(model, path, {"class_names": list(CUSTOM_COCO_CLASSES), "image_size": IMAGE_SIZE})
+    save_classifier(model, path, {"class_names": list(CUSTOM_COCO_CLASSES), "image_size": IMAGE_SIZE, **metadata})
     return path
+
+
+@pytest.fixture(scope="module")
+def always_book(tmp_path_factory):
+    return save_always_book(tmp_path_factory.mktemp("models") / "classifier_custom_coco_0_2.pth",
+                            dataset="custom_coco", seed=0, examples_per_class=2)
 
 
 def test_writes_the_spec_csv_with_the_right_numbers(always_book, tmp_path, script_runner):
@@ -66,15 +70,15 @@ def test_writes_the_spec_csv_with_the_right_numbers(always_book, tmp_path, scrip
     assert "kept" in result.stderr and output.stat().st_mtime_ns == before
 
 
-def test_val_split_depends_on_the_seed_and_uses_the_alias(always_book, tmp_path, eval_script, monkeypatch):
-    run_main(eval_script, monkeypatch, "--split", "val", "--model", always_book, "--seed", 1, "--epc", 4,
-             "--logdir", tmp_path, "--device", "cpu")
+def test_val_split_depends_on_the_seed_and_uses_the_alias(tmp_path, eval_script, monkeypatch):
+    seed_one = save_always_book(tmp_path / "seed_one.pth", dataset="custom_coco", seed=1, examples_per_class=4)
+    run_main(eval_script, monkeypatch, "--split", "val", "--model", seed_one, "--logdir", tmp_path, "--device", "cpu")
     values = pd.read_csv(tmp_path / "evaluation_on_custom_coco_val_1_4.csv").set_index("metric")["value"]
     assert values["Accuracy Book"] == 1.0
 
     # the reference's split name still works; the shipped Custom COCO copy has no uncommon-context folder
     with pytest.raises(UserError, match="split folder not found: .*test_uncommon_context"):
-        run_main(eval_script, monkeypatch, "--split", "test_uncommon", "--model", always_book, "--logdir", tmp_path,
+        run_main(eval_script, monkeypatch, "--split", "test_uncommon", "--model", seed_one, "--logdir", tmp_path,
                  "--device", "cpu")
 
 
@@ -85,6 +89,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, eval_script, monkeypatch, scri
 
     focus_model = tmp_path / "focus.pth"
     save_classifier(FewShotClassifier("efficientnet_lite0", 10, pretrained=False), focus_model,
-                    {"class_names": ["bird"] * 10, "image_size": IMAGE_SIZE})
+                    {"class_names": ["bird"] * 10, "image_size": IMAGE_SIZE, "dataset": "custom_coco", "seed": 0,
+                     "examples_per_class": 1})
     with pytest.raises(UserError, match="has 10 classes but custom_coco has 23"):
         run_main(eval_script, monkeypatch, "--model", focus_model, "--logdir", tmp_path, "--device", "cpu")
