@@ -81,6 +81,8 @@ def parse_args() -> argparse.Namespace:
                         help="scheduler steps at strength 1 (default: %(default)s, the paper's)")
     parser.add_argument("--workdir", default="/tmp/bench_run", help="scratch folder (default: %(default)s)")
     parser.add_argument("--log", default=None, help="also append the report to this file")
+    parser.add_argument("--commit", default=None,
+                        help="commit named in the log (default: the checkout's; give it where .git is not copied)")
     return parser.parse_args()
 
 
@@ -249,8 +251,8 @@ def main(args: argparse.Namespace) -> None:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     bench = Bench(args, workdir)
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    commit = args.commit or subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                                           capture_output=True, text=True).stdout.strip() or "unknown"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     import diffusers
     import transformers
