@@ -18,7 +18,8 @@ STAGE_RATES = {
     "textual_inversion_samples_per_s": 1.40 * 92,  # `fine_tune.py --joint`: 1.40 updates/s of 92 samples (23 x 4)
     "textual_inversion_setup_s": 20.0,  # loading SD and caching the latents before the first update
     "generation_images_per_s": 6.9,  # steady, `--compile-generation`, batch 32
-    "generation_compile_s": 63.0,  # torch.compile warm-up, paid again by every generating run
+    "generation_compile_s": 63.0,  # torch.compile warm-up of a machine's first generating run (empty cache)
+    "generation_cached_compile_s": 63.0,  # the warm-up of later runs, which load the compiled code from disk
     "generation_eager_images_per_s": 5.0,  # without `--compile-generation` (bench_generation.py, H100, eager)
     "classifier_iterations_per_s": 106.0,  # ResNet-50 training steps at `classifier_batch` images
     "classifier_batch": 16,
@@ -31,6 +32,13 @@ FINE_TUNE_DEFAULT_BATCH = 4  # fine_tune.py's --train_batch_size default
 CLASSIFIER_DEFAULTS = {"iterations-per-epoch": 200, "num-epochs": 50, "batch-size": 16, "num-synthetic": 10}
 FILTER_DEFAULTS = {"iterations-per-epoch": 200, "max-epochs": 50, "batch-size": 16}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# train_classifier.py flags that do not change the synthetic images: runs that differ only in these link one set
+NOT_GENERATION_FLAGS = {
+    "method", "logdir", "synthetic-dir", "synthetic_filter", "filter-mode", "filter-threshold", "models-root",
+    "classifier-backbone", "finetune-backbone", "image-size", "iterations-per-epoch", "num-epochs", "batch-size",
+    "synthetic-probability", "use-randaugment", "use-cutmix", "eval_on_test_set", "save_model", "device",
+    "num-workers", "generation-batch-size", "generation-dtype", "compile-generation", "no-compile-generation",
+    "overwrite-synthetic"}
 
 
 @dataclass
@@ -102,6 +110,7 @@ def grid_cost(jobs: list, config: dict, rates: dict = STAGE_RATES) -> GridCost:
     eval_images = sum(_split_images(config["dataset"], config["data_dir"], split) for split in config["eval_splits"])
     setup = rates["script_setup_s"]
     cost = GridCost()
+    generated: set = set()  # the synthetic sets made so far (a later run with the same settings links them)
     for job in jobs:
         if job.done():
             continue
@@ -126,7 +135,7 @@ def grid_cost(jobs: list, config: dict, rates: dict = STAGE_RATES) -> GridCost:
             seconds = setup + iterations * batch / rates["classifier_batch"] / rates["filter_iterations_per_s"]
             stage.iterations += iterations
         elif script == "train_classifier.py":
-            seconds = setup + _classifier_work(cost, values, classes, eval_images, rates)
+            seconds = setup + _classifier_work(cost, values, classes, eval_images, rates, generated)
             cost.job_seconds[job.name] = seconds
             continue
         else:
@@ -138,17 +147,23 @@ def grid_cost(jobs: list, config: dict, rates: dict = STAGE_RATES) -> GridCost:
     return cost
 
 
-def _classifier_work(cost: GridCost, values: dict, classes: int, eval_images: int, rates: dict) -> float:
-    """Add a `train_classifier.py` job's generation, training and evaluation to the stages; returns its seconds."""
+def _classifier_work(cost: GridCost, values: dict, classes: int, eval_images: int, rates: dict,
+                     generated: set) -> float:
+    """Add a `train_classifier.py` job's generation, training and evaluation to the stages; returns its seconds.
+    A job whose synthetic set is in `generated` links it (no generation); otherwise its set is added there."""
     seconds = 0.0
     epc = int(_number(values, "examples-per-class", 1))
     synthetic = int(_number(values, "num-synthetic", CLASSIFIER_DEFAULTS["num-synthetic"]))
-    if synthetic > 0:
+    generation_key = tuple(sorted((name, tuple(value)) for name, value in values.items()
+                                  if name not in NOT_GENERATION_FLAGS))
+    if synthetic > 0 and generation_key not in generated:
         stage = cost.stages["generation"]
         images = synthetic * epc * classes
-        compiled = "compile-generation" in values
+        compiled = "no-compile-generation" not in values  # on by default on a GPU
         rate = rates["generation_images_per_s"] if compiled else rates["generation_eager_images_per_s"]
-        generation = images / rate + (rates["generation_compile_s"] if compiled else 0.0)
+        warm_up = rates["generation_cached_compile_s"] if generated else rates["generation_compile_s"]
+        generation = images / rate + (warm_up if compiled else 0.0)
+        generated.add(generation_key)
         stage.jobs += 1
         stage.images += images
         stage.seconds += generation

@@ -318,12 +318,28 @@ def test_dry_run_cost_table_follows_the_measured_rates(tmp_path, monkeypatch, ca
     cost = grid_cost(plan_jobs(config), config)
     seconds = STAGE_RATES["textual_inversion_setup_s"] + 100 * 4 * classes / STAGE_RATES["textual_inversion_samples_per_s"]
     assert cost.job_seconds["fine_tune custom_coco seed 0 2epc"] == pytest.approx(seconds)
-    generation = 2 * 2 * classes / STAGE_RATES["generation_images_per_s"] + STAGE_RATES["generation_compile_s"]
-    assert cost.stages["generation"].seconds == pytest.approx(2 * generation)
+    # the first generating run compiles; the second loads the compiled code from the cache
+    generation = 2 * 2 * classes / STAGE_RATES["generation_images_per_s"]
+    assert cost.stages["generation"].seconds == pytest.approx(
+        2 * generation + STAGE_RATES["generation_compile_s"] + STAGE_RATES["generation_cached_compile_s"])
     assert any(line.startswith("# estimated wall time on 2 GPU(s):") for line in out)
 
     run_main(tmp_path, monkeypatch, "--dry-run", "--gpus", "none", "--seeds", "0")
     assert any(line.startswith("# no GPU visible: no wall-time estimate") for line in capsys.readouterr().out.splitlines())
+
+
+def test_cost_counts_a_synthetic_set_once_when_methods_share_it(tmp_path):
+    """DA-Fusion + filter links DA-Fusion's images (the filter only weights them): one set to generate, not two."""
+    write_config(tmp_path, train_classifier={"num-synthetic": 2},
+                 methods={"da_fusion": {"aug": "textual-inversion"},
+                          "da_fusion_filter": {"aug": "textual-inversion", "synthetic_filter": "use"},
+                          "other_guidance": {"aug": "textual-inversion", "guidance-scale": 5}})
+    config = load_config(tmp_path / "experiment.yaml")
+    config.update(seeds=[0], examples_per_class=[2])
+    cost = grid_cost(plan_jobs(config), config)
+    classes = len(CUSTOM_COCO_CLASSES)
+    assert cost.stages["generation"].jobs == 2 and cost.stages["generation"].images == 2 * 2 * 2 * classes
+    assert cost.stages["classifier"].jobs == 3
 
 
 def test_wall_time_simulation_respects_dependencies_and_gpus():
