@@ -42,8 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="upper bound on epochs; early stopping usually ends sooner")
     parser.add_argument("--batch-size", type=int, default=16,
                         help="images per training batch (the classifier's batch size)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate of the linear head (AdamW)")
-    parser.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay of the linear head")
+    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate of the linear head (Adam)")
+    parser.add_argument("--weight-decay", type=float, default=1e-2, help="Adam weight decay (an L2 term in the gradient, as the reference) of the linear head")
     parser.add_argument("--early-stopping-patience", type=int, default=6,
                         help="stop after this many epochs without a lower mean per-class validation loss; 0 disables")
     parser.add_argument("--image-size", type=int, default=256, help="side of the square input images in pixels")

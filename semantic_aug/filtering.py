@@ -281,7 +281,7 @@ def train_filter(dataset_name: str, seed: int, examples_per_class: int, *, data_
     """Train, calibrate and save the filter of one (dataset, seed, examples_per_class) run (SPEC train_filter.py).
 
     Steps: the real few-shot training split only (RandAugment on), a frozen pretrained backbone plus a linear
-    head trained with the shared loop (class-balanced sampling, AdamW with weight decay, early stopping on the
+    head trained with the shared loop (class-balanced sampling, Adam with L2 weight decay as the reference, early stopping on the
     mean per-class validation loss, best epoch kept as a copy); temperature scaling on the validation logits;
     NLL and ECE before and after calibration logged to `{logdir}/calibration_filter_{dataset}_{seed}_{epc}.csv`
     and the training curves to `{logdir}/train_filter_{dataset}_{seed}_{epc}.csv`.
@@ -298,7 +298,7 @@ def train_filter(dataset_name: str, seed: int, examples_per_class: int, *, data_
         max_epochs: upper bound on epochs (early stopping usually ends sooner).
         batch_size: images per batch.
         lr: learning rate of the head.
-        weight_decay: AdamW weight decay.
+        weight_decay: Adam's (coupled, L2) weight decay, as the reference.
         early_stopping_patience: stop after this many epochs without a lower validation loss (None: never).
         image_size: side of the square input images in pixels.
         use_randaugment: add RandAugment to the training transform (the reference did).
@@ -419,16 +419,18 @@ def normalise_sibling_weights(weights, groups) -> np.ndarray:
 
 
 def scoring_transform(dataset, image_size: int | None = None):
-    """The random views used for scoring: the dataset's training transform without RandAugment (SPEC).
+    """The random views used for scoring: the training transform of `dataset`, as the reference scored with it.
 
     Args:
-        dataset: the training dataset (gives the crop style, and the image size unless `image_size` is given).
+        dataset: the classifier's training dataset (gives the crop style, whether RandAugment is on, and the image
+            size unless `image_size` is given).
         image_size: output side in pixels (the filter's training size).
 
     Returns:
         A torchvision transform, PIL image -> [0, 1] tensor.
     """
-    return build_transform(TRAIN_SPLIT, image_size or dataset.image_size, dataset.random_crop, use_randaugment=False)
+    return build_transform(TRAIN_SPLIT, image_size or dataset.image_size, dataset.random_crop,
+                           use_randaugment=getattr(dataset, "use_randaugment", False))
 
 
 def _image_seed(seed: int, path: str | os.PathLike) -> int:
