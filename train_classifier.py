@@ -35,7 +35,8 @@ from semantic_aug.augmentations import COMPOSE_MODES, list_augmentations
 from semantic_aug.classifiers import FewShotClassifier, list_backbones
 from semantic_aug.datasets import add_dataset_arguments, create_dataset, get_dataset_class
 from semantic_aug.few_shot_dataset import FolderFewShotDataset
-from semantic_aug.filtering import DEFAULT_FILTER_MODE, FILTER_CONFIDENCE_THRESHOLD, FILTER_MODE_HELP, FILTER_MODES
+from semantic_aug.filtering import (DEFAULT_FILTER_MODE, FILTER_BACKBONE, FILTER_CONFIDENCE_THRESHOLD, FILTER_MODE_HELP,
+                                   FILTER_MODES)
 from semantic_aug.training import (classifier_filename, default_num_workers, evaluate, fit, load_classifier,
                                    results_csv_path, save_classifier, test_csv_path)
 from semantic_aug.utils import (UserError, atomic_write_csv, check_flag_minimum, pick_device, restart_marker, run_cli,
@@ -126,8 +127,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--filter-mode", default=DEFAULT_FILTER_MODE, choices=FILTER_MODES, help=FILTER_MODE_HELP)
     parser.add_argument("--filter-threshold", type=float, default=FILTER_CONFIDENCE_THRESHOLD,
                         help="--filter-mode threshold: the lowest confidence a synthetic image may have")
-    parser.add_argument("--models-root", default=None,
-                        help="folder of the filters (default: the classifiers' folder, {dirname(logdir)}/models)")
+    parser.add_argument("--models-root", default="models",
+                        help="folder of the filters, the same default as train_filter.py's --models-root")
+    parser.add_argument("--filter-backbone", default=FILTER_BACKBONE, choices=list_backbones(),
+                        help="backbone of the filter that --synthetic_filter train trains (the reference's resnet50, "
+                             "as train_filter.py; efficientnet_lite0 works offline)")
     # the classifier
     parser.add_argument("--classifier-backbone", default="resnet50", choices=list_backbones(),
                         help="ImageNet-pretrained backbone (resnet50 downloads torchvision's weights; "
@@ -213,7 +217,7 @@ def plan_run(args: argparse.Namespace, seed: int, examples_per_class: int) -> Ru
                synthetic_dir=Path(fill_template(args.synthetic_dir, "--synthetic-dir", **fields)),
                embed_path=Path(fill_template(embed_template, "--embed-path", **fields)),
                model_path=logdir.parent / "models" / model_name,
-               models_root=Path(args.models_root) if args.models_root else logdir.parent / "models")
+               models_root=Path(args.models_root))
 
 
 def check_test_splits(args: argparse.Namespace) -> None:
@@ -226,6 +230,22 @@ def check_test_splits(args: argparse.Namespace) -> None:
         folder = dataset_class.resolve_data_dir(args.data_dir) / dataset_class.split_folders[split]
         if not folder.is_dir():
             raise UserError(f"--eval_on_test_set {split}: folder {folder} not found; pass the --data-dir that has it")
+
+
+def check_run_inputs(args: argparse.Namespace, runs: list[Run]) -> None:
+    """Read every input the runs need (data splits, token files, prompt CSV, filters) before the first image is
+    generated or the first step trained, so that a missing file stops the command at once."""
+    from semantic_aug.filtering import check_filter_file, filter_path
+    from semantic_aug.synthetic import check_augmentation_inputs
+
+    for run in runs:
+        class_names = load_split(args, run, "train").class_names
+        load_split(args, run, "val")
+        if args.num_synthetic == 0:
+            continue
+        check_augmentation_inputs(args.aug, run.embed_path, class_names, args.use_generated_prompts, args.prompt_path)
+        if args.synthetic_filter == "use":
+            check_filter_file(filter_path(run.models_root, args.dataset, run.seed, run.examples_per_class))
 
 
 def missing_outputs(args: argparse.Namespace, run: Run) -> tuple[bool, list[str]]:
@@ -290,7 +310,7 @@ def attach_synthetic_images(args: argparse.Namespace, run: Run, train_dataset, m
 
     if args.synthetic_filter == "train":  # trained like the classifier, on the same real images (kept if it exists)
         train_filter(args.dataset, run.seed, run.examples_per_class, data_dir=args.data_dir,
-                     backbone=args.classifier_backbone, models_root=run.models_root, logdir=run.logdir,
+                     backbone=args.filter_backbone, models_root=run.models_root, logdir=run.logdir,
                      iterations_per_epoch=args.iterations_per_epoch, max_epochs=args.num_epochs,
                      batch_size=args.batch_size, image_size=args.image_size, bad_images=args.bad_images, device=device)
     filter_model = load_filter(filter_path(run.models_root, args.dataset, run.seed, run.examples_per_class), device)
@@ -351,6 +371,7 @@ def main(args: argparse.Namespace) -> None:
             runs.append((run, must_train, missing_splits))
         else:
             logger.info("%s: results, model and test CSVs exist; skipped (delete them to rerun)", run.name)
+    check_run_inputs(args, [run for run, must_train, _ in runs if must_train])
 
     # 1. synthetic images for every run first, so that processes never wait on another's training
     manifests = {}

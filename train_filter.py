@@ -19,9 +19,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from semantic_aug.classifiers import OFFLINE_BACKBONE, list_backbones
+from semantic_aug.classifiers import list_backbones
 from semantic_aug.datasets import add_dataset_arguments
-from semantic_aug.filtering import TEMPERATURE_ITERATIONS, TEMPERATURE_LR, train_filter
+from semantic_aug.filtering import FILTER_BACKBONE, TEMPERATURE_ITERATIONS, TEMPERATURE_LR, train_filter
 from semantic_aug.utils import check_flag_minimum, run_cli
 
 logger = logging.getLogger("train_filter")
@@ -34,9 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seeds of the few-shot selection and training; one filter per seed")
     parser.add_argument("--examples-per-class", type=int, nargs="+", default=[2, 4, 8],
                         help="real training images per class; one filter per value")
-    parser.add_argument("--classifier-backbone", default=OFFLINE_BACKBONE, choices=list_backbones(),
-                        help="frozen pretrained backbone under the linear head (the reference used resnet50, "
-                             "which needs torchvision's download; efficientnet_lite0 works offline)")
+    parser.add_argument("--classifier-backbone", default=FILTER_BACKBONE, choices=list_backbones(),
+                        help="frozen pretrained backbone under the linear head (resnet50, the reference's, downloads "
+                             "torchvision's ImageNet weights once; efficientnet_lite0 works offline)")
     parser.add_argument("--iterations-per-epoch", type=int, default=200, help="training batches per epoch")
     parser.add_argument("--max-epochs", type=int, default=50,
                         help="upper bound on epochs; early stopping usually ends sooner")

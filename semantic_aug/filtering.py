@@ -11,8 +11,8 @@ sibling replaces that image (`FewShotDataset.set_synthetic_images`). The loss is
 loss, siblings chosen uniformly) and `threshold` (images below a confidence are dropped, the rest chosen
 uniformly).
 
-Fixes over the reference: the best epoch is a real copy (the reference kept the last), the temperature is
-optimised in log space so it stays positive, the calibration log is named per dataset/seed/epc (the reference
+Fixes over the reference: the best epoch is a real copy (the reference kept the last), a temperature that is not
+positive or does not lower the validation NLL falls back to T = 1, the calibration log is named per dataset/seed/epc (the reference
 overwrote one file), and the scores are cached in the synthetic manifest so a rerun does not rescore.
 """
 
@@ -31,13 +31,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from semantic_aug.classifiers import OFFLINE_BACKBONE, FewShotClassifier
+from semantic_aug.classifiers import FewShotClassifier
 from semantic_aug.few_shot_dataset import TRAIN_SPLIT, build_transform
 from semantic_aug.utils import (UserError, atomic_torch_save, atomic_write_csv, atomic_write_text, load_image,
                                 pick_device)
 
 logger = logging.getLogger(__name__)
 
+FILTER_BACKBONE = "resnet50"  # the reference's filter: a frozen ImageNet ResNet-50 under a linear head
 FILTER_CONFIDENCE_THRESHOLD = 0.5  # paper: weight 1 at or above, confidence / 0.5 (= 2 × confidence) below
 NUM_VIEWS = 5  # random training views averaged per synthetic image (paper)
 TEMPERATURE_LR = 1e-2  # LBFGS learning rate of the reference's temperature scaling
@@ -128,6 +129,13 @@ def save_filter(filter_model: FilterModel, path: str | os.PathLike, metadata: di
     }, path)
 
 
+def check_filter_file(path: str | os.PathLike) -> None:
+    """A `UserError` naming the expected filter file and how to make it, when it does not exist."""
+    if not Path(path).is_file():
+        raise UserError(f"no trained filter at {path}: create it with `python train_filter.py` (same --dataset, "
+                        f"--seed, --examples-per-class and --models-root) or pass --synthetic_filter train")
+
+
 def load_filter(path: str | os.PathLike, device: str | torch.device | None = None) -> FilterModel:
     """Load a filter saved by `train_filter` / `save_filter`, in eval mode on `device`.
 
@@ -142,9 +150,7 @@ def load_filter(path: str | os.PathLike, device: str | torch.device | None = Non
         UserError: the file is missing (naming the expected path and how to create it) or unreadable.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no trained filter at {path}: create it with `python train_filter.py` (same --dataset, "
-                        f"--seed, --examples-per-class and --models-root) or pass --synthetic_filter train")
+    check_filter_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if state.get("format_version") != FILTER_FORMAT_VERSION:
@@ -230,40 +236,41 @@ def calibration_metrics(logits: torch.Tensor, labels: torch.Tensor, temperature:
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, lr: float = TEMPERATURE_LR,
                     max_iter: int = TEMPERATURE_ITERATIONS) -> float:
-    """Temperature scaling: the T > 0 minimising the NLL of `softmax(logits / T)` (LBFGS, as the reference).
+    """Temperature scaling as the reference ran it: plain LBFGS (no line search) on T, from T = 1, minimising the
+    NLL of `softmax(logits / T)` (Guo et al., 2017).
 
-    The optimiser works on log T, so T stays positive whatever step it takes, and a strong-Wolfe line search
-    keeps it from overshooting. If the result were not better than T = 1 (it should always be), T = 1 is kept.
+    The one addition is a guard: if LBFGS ends at a T that is not positive and finite, or that does not lower the
+    NLL below that of T = 1, T = 1 is kept (the reference would have saved it).
 
     Args:
         logits: (N, C) uncalibrated validation logits.
         labels: (N,) true classes.
-        lr: LBFGS learning rate (initial step length).
+        lr: LBFGS learning rate.
         max_iter: LBFGS iterations.
 
     Returns:
-        The log-temperature (0 = uncalibrated).
+        The log-temperature (0 = uncalibrated), the form the filter file stores.
     """
     logits, labels = logits.detach().float(), labels.detach().long()
-    log_temperature = torch.zeros((), requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_temperature], lr=lr, max_iter=max_iter, line_search_fn="strong_wolfe")
+    temperature = torch.ones(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([temperature], lr=lr, max_iter=max_iter)
 
     def closure():
         optimizer.zero_grad()
-        loss = F.cross_entropy(logits / log_temperature.exp(), labels)
+        loss = F.cross_entropy(logits / temperature, labels)
         loss.backward()
         return loss
 
     optimizer.step(closure)
-    result = float(log_temperature.detach())
+    result = float(temperature.detach())
     with torch.no_grad():
         before = float(F.cross_entropy(logits, labels))
-        after = float(F.cross_entropy(logits / math.exp(result), labels)) if math.isfinite(result) else math.inf
+        after = float(F.cross_entropy(logits / result, labels)) if math.isfinite(result) and result > 0 else math.inf
     if not after <= before:
-        logger.warning("temperature scaling did not lower the validation NLL (%.4f -> %.4f); keeping T = 1",
-                       before, after)
+        logger.warning("temperature scaling ended at T = %s without lowering the validation NLL (%.4f -> %.4f); "
+                       "keeping T = 1", result, before, after)
         return 0.0
-    return result
+    return math.log(result)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -271,7 +278,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, lr: float = TEMP
 
 
 def train_filter(dataset_name: str, seed: int, examples_per_class: int, *, data_dir: str | os.PathLike | None = None,
-                 backbone: str = OFFLINE_BACKBONE, models_root: str | os.PathLike = "models",
+                 backbone: str = FILTER_BACKBONE, models_root: str | os.PathLike = "models",
                  logdir: str | os.PathLike = "logs", iterations_per_epoch: int = 200, max_epochs: int = 50,
                  batch_size: int = 16, lr: float = 1e-4, weight_decay: float = 1e-2,
                  early_stopping_patience: int | None = 6, image_size: int = 256, use_randaugment: bool = True,
