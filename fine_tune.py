@@ -67,8 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="Caption templates: 'object' (\"a photo of a <x>\") or 'style' "
                            "(\"a painting in the style of <x>\").")
     data.add_argument("--repeats", type=int, default=100,
-                      help="Passes over each class's images per epoch; only sets the epoch length for "
-                           "--num_train_epochs.")
+                      help="Passes over each class's images per epoch: every epoch shows each image this many "
+                           "times in shuffled order, as the reference; also the epoch length for --num_train_epochs.")
     data.add_argument("--resolution", type=int, default=None,
                       help="Training image side in pixels (default: the model's native size, 512 for SD v1.x, "
                            "64 for tiny).")
@@ -260,7 +260,7 @@ def training_config(args: argparse.Namespace, resolution: int, examples_per_clas
     if args.scale_lr:
         learning_rate *= args.train_batch_size * args.gradient_accumulation_steps
     return TextualInversionConfig(
-        resolution=resolution, center_crop=args.center_crop, flip_p=args.flip_p, train_batch_size=args.train_batch_size,
+        resolution=resolution, repeats=args.repeats, center_crop=args.center_crop, flip_p=args.flip_p, train_batch_size=args.train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps, max_train_steps=max_train_steps,
         learning_rate=learning_rate, lr_scheduler=args.lr_scheduler, lr_warmup_steps=args.lr_warmup_steps,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_weight_decay=args.adam_weight_decay,
