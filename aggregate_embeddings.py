@@ -27,13 +27,13 @@ from pathlib import Path
 from semantic_aug.datasets import create_dataset, get_dataset_class, list_datasets
 from semantic_aug.embeddings import (collect_class_tokens, embedding_noise, save_tokens, stable_seed,
                                      tokens_path)
-from semantic_aug.utils import UserError, run_cli, str2bool
+from semantic_aug.utils import HelpFormatter, UserError, run_cli, str2bool
 
 logger = logging.getLogger("aggregate_embeddings")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="Seeds of the fine_tune.py runs to merge.")
     parser.add_argument("--examples-per-class", type=int, nargs="+", default=[2, 4, 8],

@@ -1,4 +1,4 @@
-"""Evaluate a saved classifier on one split of a dataset and write the SPEC test CSV.
+"""Evaluate a saved classifier on one split of a dataset and write the reference's test CSV.
 
     python eval_on_testset.py --dataset custom_coco --split test --seed 0 --epc 2 --logdir logs \
         --model RESULTS/custom_coco_2epc/diagen/models/classifier_custom_coco_0_2.pth
@@ -16,7 +16,7 @@ from pathlib import Path
 from semantic_aug.datasets import add_dataset_arguments, create_dataset
 from semantic_aug.few_shot_dataset import DEFAULT_IMAGE_SIZE, EVAL_SPLITS
 from semantic_aug.training import DEFAULT_EVAL_BATCH_SIZE, evaluate, load_classifier
-from semantic_aug.utils import UserError, atomic_write_csv, check_flag_minimum, pick_device, run_cli
+from semantic_aug.utils import HelpFormatter, UserError, atomic_write_csv, check_flag_minimum, pick_device, run_cli
 
 logger = logging.getLogger("eval_on_testset")
 
@@ -24,7 +24,7 @@ SPLIT_ALIASES = {"test_uncommon": "test_uncommon_context"}  # the reference's na
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_dataset_arguments(parser, purpose="dataset to evaluate on")
     parser.add_argument("--split", default="test", choices=[*EVAL_SPLITS, *SPLIT_ALIASES],
                         help="split to evaluate (test_uncommon is an alias of test_uncommon_context)")

@@ -31,8 +31,8 @@ from semantic_aug.embeddings import class_folder_name
 from semantic_aug.stable_diffusion import default_resolution, load_sd_components, load_tokenizer
 from semantic_aug.textual_inversion_training import (TEMPLATES, ClassSpec, TextualInversionConfig,
                                                      TextualInversionTrainer)
-from semantic_aug.utils import (UserError, check_flag_minimum, make_output_dir, pick_device, remove_stale_temporaries,
-                                run_cli, str2bool)
+from semantic_aug.utils import (HelpFormatter, UserError, check_flag_minimum, make_output_dir, pick_device,
+                                remove_stale_temporaries, run_cli, str2bool)
 
 logger = logging.getLogger("fine_tune")
 
@@ -41,7 +41,7 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", required=True,
                        help="Stable Diffusion to learn the tokens for: 'tiny' (embedded, CPU-sized), a hub id such as "

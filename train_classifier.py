@@ -1,4 +1,4 @@
-"""Train few-shot classifiers on real and synthetic images: the baseline, DA-Fusion and DIAGen (SPEC §1).
+"""Train few-shot classifiers on real and synthetic images: the baseline, DA-Fusion and DIAGen.
 
 For every --seeds × --examples-per-class run:
   1. the few-shot training split and the validation split of --dataset;
@@ -39,8 +39,8 @@ from semantic_aug.filtering import (DEFAULT_FILTER_MODE, FILTER_BACKBONE, FILTER
                                    FILTER_MODES)
 from semantic_aug.training import (classifier_filename, default_num_workers, evaluate, fit, load_classifier,
                                    results_csv_path, save_classifier, test_csv_path)
-from semantic_aug.utils import (UserError, atomic_write_csv, check_flag_minimum, pick_device, restart_marker, run_cli,
-                                set_seed, str2bool)
+from semantic_aug.utils import (HelpFormatter, UserError, atomic_write_csv, check_flag_minimum, pick_device,
+                                restart_marker, run_cli, set_seed, str2bool)
 
 logger = logging.getLogger("train_classifier")
 
@@ -55,7 +55,7 @@ DEFAULT_GUIDANCE_SCALE = 15.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     # runs and outputs
     add_dataset_arguments(parser, purpose="dataset to train on")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
@@ -201,7 +201,7 @@ def fill_template(template: str, flag: str, **fields) -> str:
 
 
 def plan_run(args: argparse.Namespace, seed: int, examples_per_class: int) -> Run:
-    """The paths of one run, from the flags' templates (SPEC §1)."""
+    """The paths of one run, from the flags' templates (the reference's layout)."""
     fields = dict(dataset=args.dataset, examples_per_class=examples_per_class, method=args.method, seed=seed)
     logdir = Path(fill_template(args.logdir, "--logdir", **fields))
     embed_template = args.embed_path

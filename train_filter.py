@@ -22,13 +22,13 @@ import logging
 from semantic_aug.classifiers import list_backbones
 from semantic_aug.datasets import add_dataset_arguments
 from semantic_aug.filtering import FILTER_BACKBONE, TEMPERATURE_ITERATIONS, TEMPERATURE_LR, train_filter
-from semantic_aug.utils import check_flag_minimum, run_cli
+from semantic_aug.utils import HelpFormatter, check_flag_minimum, run_cli
 
 logger = logging.getLogger("train_filter")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_dataset_arguments(parser, purpose="dataset to train on")
     parser.add_argument("--seeds", "--seed", dest="seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="seeds of the few-shot selection and training; one filter per seed")

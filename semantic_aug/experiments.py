@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from semantic_aug.utils import UserError, run_cli, str2bool
+from semantic_aug.utils import HelpFormatter, UserError, run_cli, str2bool
 
 logger = logging.getLogger(__name__)
 
@@ -538,7 +538,7 @@ class Scheduler:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--config", required=True, help="experiment YAML, e.g. experiments/custom_coco.yaml")
     parser.add_argument("--dry-run", action=argparse.BooleanOptionalAction, default=False,
                         help="print the commands (marking those whose results exist) and run nothing")

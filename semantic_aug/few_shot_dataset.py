@@ -62,7 +62,7 @@ def build_transform(split: str, image_size: int = DEFAULT_IMAGE_SIZE, random_cro
 
 
 class FewShotDataset(Dataset, abc.ABC):
-    """Abstract few-shot dataset (SPEC §2).
+    """Abstract few-shot dataset, with the reference's interface.
 
     Subclasses set `class_names` and implement `__len__`, `get_image_by_idx`, `get_label_by_idx` and
     `get_metadata_by_idx`. For image folders, subclass `FolderFewShotDataset` instead, which needs only the
@@ -106,7 +106,7 @@ class FewShotDataset(Dataset, abc.ABC):
         self.synthetic_images: dict[int, list[str]] = {}
         self.synthetic_weights: dict[int, np.ndarray] = {}
 
-    # -- the abstract API of SPEC §2 ------------------------------------------------------------------------
+    # -- the abstract API of the reference's FewShotDataset ---------------------------------------------------
 
     @abc.abstractmethod
     def __len__(self) -> int: ...

@@ -114,7 +114,7 @@ def build_augmentation(aug_names: Sequence[str], *, model_path: str, embed_path:
                        erasure_ckpt_path: str | os.PathLike | None = None, compile_model: bool = False,
                        compile_mode: str = DEFAULT_COMPILE_MODE,
                        attention_backend: str = "auto") -> GenerativeAugmentation:
-    """The augmentation `train_classifier.py` generates with, from its flags (SPEC §1, §2).
+    """The augmentation `train_classifier.py` generates with, from its flags, as the reference built it.
 
     Cheap checks run before the model loads. The model is loaded fresh on every call: each (seed, examples per
     class) run gets its own token file (the reference kept the first run's pipeline and tokens).

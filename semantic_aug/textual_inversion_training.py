@@ -1,6 +1,6 @@
 """Textual Inversion: learn one token embedding per class, the engine behind `fine_tune.py`.
 
-The algorithm is the reference's (SPEC §1): a new token `<class_>` starts from the embedding of an initializer
+The algorithm is the reference's: a new token `<class_>` starts from the embedding of an initializer
 word; the images of the class, resized (bicubic) and randomly mirrored, are noised at a uniform DDPM timestep;
 a random caption template ("a photo of a <class_>") conditions the frozen UNet, and the MSE between predicted and
 true noise trains only the new embedding row.

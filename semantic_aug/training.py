@@ -560,7 +560,7 @@ class FitResult:
     Attributes:
         best_state_dict: a deep copy of the model's weights at the best epoch (already loaded into the model).
         best_epoch: 0-based epoch of those weights.
-        history: the results table of SPEC (`RESULTS_COLUMNS`), one row per metric, split and epoch.
+        history: the reference's results table (`RESULTS_COLUMNS`), one row per metric, split and epoch.
         best_value: the selection metric at the best epoch (NaN without a validation split).
         timings: seconds spent decoding (`decode_seconds`), training (`train_seconds`, summed over epochs, and
             `epoch_train_seconds`, per epoch) and validating (`val_seconds`), and `train_images` drawn.
@@ -603,7 +603,7 @@ def fit(model: nn.Module, train_dataset, val_dataset, *, num_epochs: int, iterat
         early_stopping_patience: int | None = None, device: torch.device | str, seed: int,
         sample_loss_weights: dict[str, float] | None = None, use_randaugment: bool | None = None,
         use_cutmix: bool = False, num_workers: int | None = None, progress: bool = True) -> FitResult:
-    """Train `model` on the few-shot split and keep its best epoch (SPEC §1 train_classifier, §3).
+    """Train `model` on the few-shot split and keep its best epoch (the reference's train_classifier.py loop).
 
     Args:
         model: maps [0, 1] images (N, 3, S, S) to logits; a `FewShotClassifier` gets its frozen backbone kept in
@@ -736,7 +736,7 @@ def evaluate(model: nn.Module, dataset, device: torch.device | str, batch_size: 
         progress: show decoding progress.
 
     Returns:
-        The test table of SPEC (`TEST_COLUMNS`): `Mean Loss`, `Mean Accuracy`, then `Loss {Class.title()}` and
+        The reference's test table (`TEST_COLUMNS`): `Mean Loss`, `Mean Accuracy`, then `Loss {Class.title()}` and
         `Accuracy {Class.title()}` per class (NaN for classes absent from the split, which the means leave out).
     """
     device = torch.device(device)
@@ -759,7 +759,7 @@ def format_list(values) -> str:
 def classifier_filename(dataset: str, seed: int, examples_per_class: int, *, strength=None, guidance_scale=None,
                         use_filter: bool = False, use_llm: bool = False, use_noise: bool = False,
                         uncommon: bool = False) -> str:
-    """`classifier_{ds}_{seed}_{epc}[_{strength}_{guidance}][_filter][_llm][_noise][_uncommon].pth` (SPEC §1).
+    """`classifier_{ds}_{seed}_{epc}[_{strength}_{guidance}][_filter][_llm][_noise][_uncommon].pth`, the reference's name.
 
     Args:
         strength, guidance_scale: given (lists or numbers) when synthetic images were used.

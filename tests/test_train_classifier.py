@@ -1,5 +1,5 @@
 """train_classifier.py end to end on CPU: the baseline and a Textual-Inversion + filter run on a small Custom-COCO
-layout (efficientnet_lite0 at 32 px, tiny SD), SPEC's output files, resume, and one-line errors."""
+layout (efficientnet_lite0 at 32 px, tiny SD), the reference's output files, resume, and one-line errors."""
 
 import importlib.util
 import re
