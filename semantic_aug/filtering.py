@@ -60,7 +60,7 @@ FILTER_FORMAT_VERSION = 1
 
 
 def filter_path(models_root: str | os.PathLike, dataset: str, seed: int, examples_per_class: int) -> Path:
-    """Where the filter of one run lives: `{models_root}/filter_{dataset}_{seed}_{examples_per_class}.pth`, the reference's path.
+    """Where the filter of one run lives: `{models_root}/filter_{dataset}_{seed}_{examples_per_class}.pth`.
 
     Args:
         models_root: folder of the saved models (`--models-root`, default `models`).
@@ -285,7 +285,7 @@ def train_filter(dataset_name: str, seed: int, examples_per_class: int, *, data_
                  temperature_lr: float = TEMPERATURE_LR, temperature_iterations: int = TEMPERATURE_ITERATIONS,
                  overwrite: bool = False, bad_images: str = "error", device: str | torch.device | None = None,
                  progress: bool = True) -> Path:
-    """Train, calibrate and save the filter of one (dataset, seed, examples_per_class) run, as the reference's train_filter.py.
+    """Train, calibrate and save the filter of one (dataset, seed, examples_per_class) run, as the reference did.
 
     Steps: the real few-shot training split only (RandAugment on), a frozen pretrained backbone plus a linear
     head trained with the shared loop (class-balanced sampling, Adam with L2 weight decay as the reference, early stopping on the

@@ -759,7 +759,7 @@ def format_list(values) -> str:
 def classifier_filename(dataset: str, seed: int, examples_per_class: int, *, strength=None, guidance_scale=None,
                         use_filter: bool = False, use_llm: bool = False, use_noise: bool = False,
                         uncommon: bool = False) -> str:
-    """`classifier_{ds}_{seed}_{epc}[_{strength}_{guidance}][_filter][_llm][_noise][_uncommon].pth`, the reference's name.
+    """The reference's `classifier_{ds}_{seed}_{epc}[_{strength}_{guidance}][_filter][_llm][_noise][_uncommon].pth`.
 
     Args:
         strength, guidance_scale: given (lists or numbers) when synthetic images were used.
