@@ -100,6 +100,22 @@ def test_textual_inversion_with_filter(script_runner, data_dir, tmp_path):
     assert f"{len(CUSTOM_COCO_CLASSES)} real + {len(CUSTOM_COCO_CLASSES)} synthetic images" in result.stderr
 
 
+def test_the_readme_steps_find_the_filter_with_default_models_roots(script_runner, data_dir, tmp_path):
+    """train_filter.py then train_classifier.py --synthetic_filter use, neither given --models-root."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = tmp_path / "tokens.pt"
+    save_tokens({token_name(name): torch.randn(32, generator=generator) for name in CUSTOM_COCO_CLASSES}, tokens)
+    script_runner("train_filter.py", "--data-dir", data_dir, "--seeds", "0", "--examples-per-class", "1",
+                  "--classifier-backbone", "efficientnet_lite0", "--image-size", "32", "--iterations-per-epoch", "1",
+                  "--max-epochs", "1", "--batch-size", "8", "--temperature-iterations", "1", cwd=tmp_path,
+                  env=SINGLE_THREAD, check=True)
+    script_runner("train_classifier.py", "--data-dir", data_dir, "--method", "diagen", "--model-path", "tiny",
+                  "--embed-path", tokens, "--num-synthetic", "1", "--num-inference-steps", "2",
+                  "--synthetic_filter", "use", *QUICK, cwd=tmp_path, env=SINGLE_THREAD, check=True)
+    manifest = pd.read_csv(tmp_path / "RESULTS" / "custom_coco_1epc" / "diagen" / "synthetics_seed_0" / "manifest.csv")
+    assert manifest["filter_id"].str.startswith("filter_custom_coco_0_1.pth@").all()
+
+
 @pytest.mark.parametrize("missing", ["filter", "second run's tokens", "prompt class"])
 def test_every_input_is_checked_before_the_first_image(script_runner, data_dir, tmp_path, missing):
     """Tokens of every run, the prompt CSV and the filters are read before any image is generated."""
