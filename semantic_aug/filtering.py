@@ -12,8 +12,9 @@ loss, siblings chosen uniformly) and `threshold` (images below a confidence are 
 uniformly).
 
 Fixes over the reference: the best epoch is a real copy (the reference kept the last), a temperature that is not
-positive or does not lower the validation NLL falls back to T = 1, the calibration log is named per dataset/seed/epc (the reference
-overwrote one file), and the scores are cached in the synthetic manifest so a rerun does not rescore.
+positive or does not lower the validation NLL falls back to T = 1, the calibration log is named per
+dataset/seed/epc (the reference overwrote one file), and the scores are cached in the synthetic manifest so a rerun
+does not rescore.
 """
 
 from __future__ import annotations
@@ -288,8 +289,8 @@ def train_filter(dataset_name: str, seed: int, examples_per_class: int, *, data_
     """Train, calibrate and save the filter of one (dataset, seed, examples_per_class) run, as the reference did.
 
     Steps: the real few-shot training split only (RandAugment on), a frozen pretrained backbone plus a linear
-    head trained with the shared loop (class-balanced sampling, Adam with L2 weight decay as the reference, early stopping on the
-    mean per-class validation loss, best epoch kept as a copy); temperature scaling on the validation logits;
+    head trained with the shared loop (class-balanced sampling, Adam with L2 weight decay as the reference, early
+    stopping on the mean per-class validation loss, best epoch kept as a copy); temperature scaling on the validation logits;
     NLL and ECE before and after calibration logged to `{logdir}/calibration_filter_{dataset}_{seed}_{epc}.csv`
     and the training curves to `{logdir}/train_filter_{dataset}_{seed}_{epc}.csv`.
 

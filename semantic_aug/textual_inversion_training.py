@@ -565,8 +565,8 @@ class TrainingGroup:
         """The next micro-batch of class `row`, from its generator."""
         trainer = self.trainer
         image_index = self.epoch_orders[row].take(trainer.config.train_batch_size, self.generators[row])
-        return draw_batch(self.generators[row], image_index, len(trainer.templates), trainer.noise_scheduler.config.num_train_timesteps,
-                          trainer.latent_shape, trainer.config.flip_p)
+        return draw_batch(self.generators[row], image_index, len(trainer.templates),
+                          trainer.noise_scheduler.config.num_train_timesteps, trainer.latent_shape, trainer.config.flip_p)
 
     # -- the loss ----------------------------------------------------------------------------------------------
 
