@@ -235,9 +235,15 @@ def check_test_splits(args: argparse.Namespace) -> None:
 def check_run_inputs(args: argparse.Namespace, runs: list[Run]) -> None:
     """Read every input the runs need (data splits, token files, prompt CSV, filters) before the first image is
     generated or the first step trained, so that a missing file stops the command at once."""
+    from semantic_aug.augmentations.generative_augmentation import check_strength_and_guidance
     from semantic_aug.filtering import check_filter_file, filter_path
     from semantic_aug.synthetic import check_augmentation_inputs
 
+    if args.num_synthetic > 0 and runs:
+        for strength in args.strength:
+            check_strength_and_guidance(strength, args.guidance_scale[0])
+        for guidance_scale in args.guidance_scale:
+            check_strength_and_guidance(args.strength[0], guidance_scale)
     for run in runs:
         class_names = load_split(args, run, "train").class_names
         load_split(args, run, "val")
