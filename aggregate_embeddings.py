@@ -9,6 +9,13 @@ With `--augment-embeddings True` (DIAGen contribution a, `embedding_noise`), a s
 `{output_dir}/{dataset}-tokens/noise/{dataset}-{seed}-{epc}.pt` holds each token and, for each σ of
 `--std-deviation`, a noisy copy `<class_σ>` = e + σ·N(0, I). The noise is seeded (`--seed`, the run's seed and
 epc), so reruns write identical files.
+
+`--embed-path` (the reference's flag) names the one file to write instead, with {dataset}, {seed} and
+{examples_per_class} filled in per run: the merged tokens, or with `--augment-embeddings True` the tokens and
+their noisy copies, as the reference wrote them:
+
+    python aggregate_embeddings.py --seeds 0 --examples-per-class 8 --dataset custom_coco --augment-embeddings True \
+        --input-path ./fine-tuned --embed-path "tokens/{dataset}-tokens/noise/{dataset}-{seed}-{examples_per_class}.pt"
 """
 
 from __future__ import annotations
@@ -21,13 +28,13 @@ from semantic_aug.datasets import (DatasetChoices, add_dataset_module_argument, 
                                    get_dataset_class, list_datasets)
 from semantic_aug.embeddings import (collect_class_tokens, embedding_noise, save_tokens, stable_seed,
                                      tokens_path)
-from semantic_aug.utils import run_cli, str2bool
+from semantic_aug.utils import HelpFormatter, UserError, run_cli, str2bool
 
 logger = logging.getLogger("aggregate_embeddings")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="Seeds of the fine_tune.py runs to merge.")
     parser.add_argument("--examples-per-class", type=int, nargs="+", default=[2, 4, 8],
@@ -44,6 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--std-deviation", type=float, nargs="+", default=[0.005, 0.01, 0.025],
                         help="Absolute noise standard deviations σ, one noisy token <class_σ> each.")
     parser.add_argument("--output-dir", default="tokens", help="Folder that receives {dataset}-tokens/.")
+    parser.add_argument("--embed-path", default=None,
+                        help="The one token file to write per run instead ({dataset}, {seed}, {examples_per_class} "
+                             "filled in): the merged tokens, or under --augment-embeddings the tokens with their "
+                             "noisy copies. Default: both files under --output-dir.")
     parser.add_argument("--seed", type=int, default=0, help="Seeds the embedding noise (with each run's seed and epc).")
     args = parser.parse_args(argv)
     if any(std < 0 for std in args.std_deviation):
@@ -62,6 +73,19 @@ def class_names_of(dataset: str, seed: int, examples_per_class: int, data_dir: s
                                data_dir=data_dir).class_names)
 
 
+def write_embed_path(args: argparse.Namespace, tokens: dict, seed: int, examples_per_class: int) -> None:
+    """The reference's output: one file at --embed-path, with the noisy copies under --augment-embeddings."""
+    try:
+        path = Path(args.embed_path.format(dataset=args.dataset, seed=seed, examples_per_class=examples_per_class))
+    except (KeyError, IndexError, ValueError) as error:
+        raise UserError(f"--embed-path {args.embed_path!r}: cannot fill in its placeholders ({error}); use only "
+                        f"{{dataset}}, {{seed}} and {{examples_per_class}}") from None
+    if args.augment_embeddings:
+        tokens = embedding_noise(tokens, args.std_deviation, seed=stable_seed(args.seed, seed, examples_per_class))
+    save_tokens(tokens, path)
+    logger.info("wrote %s: %d tokens", path, len(tokens))
+
+
 def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args.dataset = dataset_key(args.dataset, args.data_dir)  # folder datasets: the paths carry the data fingerprint
@@ -70,6 +94,9 @@ def main(args: argparse.Namespace) -> None:
             class_names = class_names_of(args.dataset, seed, examples_per_class, args.data_dir)
             run_dir = Path(args.input_path) / f"{args.dataset}-{seed}-{examples_per_class}"
             tokens = collect_class_tokens(run_dir, class_names)
+            if args.embed_path is not None:
+                write_embed_path(args, tokens, seed, examples_per_class)
+                continue
             path = tokens_path(args.dataset, seed, examples_per_class, root=args.output_dir)
             save_tokens(tokens, path)
             logger.info("wrote %s: %d tokens of width %d", path, len(tokens), next(iter(tokens.values())).shape[0])

@@ -47,7 +47,7 @@ python train_classifier.py "${COMMON[@]}" --method da-fusion --aug textual-inver
 step "6/6 DIAGen: noisy tokens (a) + LLM prompts (b) + the calibrated filter (c)"
 python train_classifier.py "${COMMON[@]}" --method diagen --aug textual-inversion --embed-path "$NOISY_TOKENS" \
     --use-embedding-noise 1 --use-generated-prompts 1 --prompt-path $OUT/prompts/demo_prompts.csv \
-    --synthetic_filter train
+    --synthetic_filter train --filter-backbone efficientnet_lite0
 
 step "Report"
 python report.py --results-dir $OUT --output-dir RESULTS

@@ -1,4 +1,4 @@
-"""Evaluate a saved classifier on one split of a dataset and write the SPEC test CSV.
+"""Evaluate a saved classifier on one split of a dataset and write the reference's test CSV.
 
 After README's DIAGen command (seed 0, 2 examples per class):
 
@@ -20,7 +20,7 @@ from pathlib import Path
 from semantic_aug.datasets import add_dataset_arguments, create_dataset, dataset_key, split_dataset_key
 from semantic_aug.few_shot_dataset import DEFAULT_IMAGE_SIZE, EVAL_SPLITS
 from semantic_aug.training import DEFAULT_EVAL_BATCH_SIZE, evaluate, load_classifier
-from semantic_aug.utils import UserError, atomic_write_csv, check_flag_minimum, pick_device, run_cli
+from semantic_aug.utils import HelpFormatter, UserError, atomic_write_csv, check_flag_minimum, pick_device, run_cli
 
 logger = logging.getLogger("eval_on_testset")
 
@@ -28,7 +28,7 @@ SPLIT_ALIASES = {"test_uncommon": "test_uncommon_context"}  # the reference's na
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_dataset_arguments(parser, default=None, purpose="dataset to evaluate on; only confirms the checkpoint's "
                                                          "(None: the checkpoint's)")
     parser.add_argument("--split", default="test", choices=[*EVAL_SPLITS, *SPLIT_ALIASES],

@@ -31,8 +31,8 @@ from semantic_aug.embeddings import class_folder_name
 from semantic_aug.stable_diffusion import default_resolution, enable_compile_cache, load_sd_components, load_tokenizer
 from semantic_aug.textual_inversion_training import (TEMPLATES, ClassSpec, TextualInversionConfig,
                                                      TextualInversionTrainer)
-from semantic_aug.utils import (UserError, check_flag_minimum, make_output_dir, pick_device, remove_stale_temporaries,
-                                run_cli, str2bool)
+from semantic_aug.utils import (HelpFormatter, UserError, check_flag_minimum, make_output_dir, pick_device,
+                                remove_stale_temporaries, run_cli, str2bool)
 
 logger = logging.getLogger("fine_tune")
 
@@ -41,7 +41,7 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", required=True,
                        help="Stable Diffusion to learn the tokens for: 'tiny' (embedded, CPU-sized), a hub id such as "
@@ -67,8 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="Caption templates: 'object' (\"a photo of a <x>\") or 'style' "
                            "(\"a painting in the style of <x>\").")
     data.add_argument("--repeats", type=int, default=100,
-                      help="Passes over each class's images per epoch; only sets the epoch length for "
-                           "--num_train_epochs.")
+                      help="Passes over each class's images per epoch: every epoch shows each image this many "
+                           "times in shuffled order, as the reference; also the epoch length for --num_train_epochs.")
     data.add_argument("--resolution", type=int, default=None,
                       help="Training image side in pixels (default: the model's native size, 512 for SD v1.x, "
                            "64 for tiny).")
@@ -261,7 +261,7 @@ def training_config(args: argparse.Namespace, resolution: int, examples_per_clas
     if args.scale_lr:
         learning_rate *= args.train_batch_size * args.gradient_accumulation_steps
     return TextualInversionConfig(
-        resolution=resolution, center_crop=args.center_crop, flip_p=args.flip_p, train_batch_size=args.train_batch_size,
+        resolution=resolution, repeats=args.repeats, center_crop=args.center_crop, flip_p=args.flip_p, train_batch_size=args.train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps, max_train_steps=max_train_steps,
         learning_rate=learning_rate, lr_scheduler=args.lr_scheduler, lr_warmup_steps=args.lr_warmup_steps,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_weight_decay=args.adam_weight_decay,

@@ -27,7 +27,7 @@ from semantic_aug.datasets import (DatasetChoices, add_dataset_module_argument, 
 from semantic_aug.llm import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S, DTYPES, SHORT_NAMES, create_llm
 from semantic_aug.prompts import (CONTENT_STYLES, DEFAULT_CONTENT, generate_class_prompts, read_prompt_csv,
                                   write_prompt_csv)
-from semantic_aug.utils import UserError, remove_interrupted_writes, run_cli
+from semantic_aug.utils import HelpFormatter, UserError, remove_interrupted_writes, run_cli
 
 logger = logging.getLogger("generate_prompts")
 
@@ -37,7 +37,7 @@ EDGE_CASE_CONTENT = "uncommonSetting"  # what the reference's `--content-gpt edg
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--outdir", default="prompts", help="folder of the prompt CSV (default: %(default)s)")
     parser.add_argument("--out-filename", default="prompts.csv",
                         help="file name of the prompt CSV inside --outdir (default: %(default)s)")

@@ -12,11 +12,11 @@ import argparse
 import logging
 
 from semantic_aug.reporting import GRID_COLUMNS, GRID_ROWS, build_report
-from semantic_aug.utils import run_cli
+from semantic_aug.utils import HelpFormatter, run_cli
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--results-dir", default="RESULTS",
                         help="folder searched (recursively) for results_*.csv, test/*_results_*.csv and synthetic "
                              "manifests (default: RESULTS)")

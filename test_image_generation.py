@@ -22,7 +22,8 @@ import torch
 
 from semantic_aug.embeddings import add_tokens_to_text_encoder, load_tokens, stable_seed
 from semantic_aug.stable_diffusion import default_resolution, load_stable_diffusion
-from semantic_aug.utils import UserError, atomic_save_image, atomic_write_csv, check_flag_minimum, pick_device, run_cli
+from semantic_aug.utils import (HelpFormatter, UserError, atomic_save_image, atomic_write_csv, check_flag_minimum,
+                                pick_device, run_cli)
 
 logger = logging.getLogger("test_image_generation")
 
@@ -31,7 +32,7 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model-path", default="CompVis/stable-diffusion-v1-4",
                         help="Stable Diffusion: a hub id, a local diffusers folder, or `tiny` (the embedded test model)")
     parser.add_argument("--embed-path", default="tokens/custom_coco-tokens/custom_coco-0-2.pt",

@@ -1,4 +1,4 @@
-"""Train few-shot classifiers on real and synthetic images: the baseline, DA-Fusion and DIAGen (SPEC §1).
+"""Train few-shot classifiers on real and synthetic images: the baseline, DA-Fusion and DIAGen.
 
 For every --seeds × --examples-per-class run:
   1. the few-shot training split and the validation split of --dataset;
@@ -37,12 +37,13 @@ from semantic_aug.classifiers import FewShotClassifier, list_backbones
 from semantic_aug.datasets import (add_dataset_arguments, check_dataset_arguments, create_dataset, data_fingerprint,
                                    get_dataset_class)
 from semantic_aug.few_shot_dataset import FolderFewShotDataset
-from semantic_aug.filtering import DEFAULT_FILTER_MODE, FILTER_CONFIDENCE_THRESHOLD, FILTER_MODE_HELP, FILTER_MODES
+from semantic_aug.filtering import (DEFAULT_FILTER_MODE, FILTER_BACKBONE, FILTER_CONFIDENCE_THRESHOLD, FILTER_MODE_HELP,
+                                   FILTER_MODES)
 from semantic_aug.stable_diffusion import enable_compile_cache
 from semantic_aug.training import (classifier_filename, default_num_workers, evaluate, fit, load_classifier,
                                    results_csv_path, save_classifier, test_csv_path)
-from semantic_aug.utils import (UserError, atomic_write_csv, check_flag_minimum, pick_device, restart_marker, run_cli,
-                                set_seed, str2bool)
+from semantic_aug.utils import (HelpFormatter, UserError, atomic_write_csv, check_flag_minimum, pick_device,
+                                restart_marker, run_cli, set_seed, str2bool)
 
 logger = logging.getLogger("train_classifier")
 
@@ -59,7 +60,7 @@ GENERATION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     # runs and outputs
     add_dataset_arguments(parser, purpose="dataset to train on")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
@@ -135,8 +136,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--filter-mode", default=DEFAULT_FILTER_MODE, choices=FILTER_MODES, help=FILTER_MODE_HELP)
     parser.add_argument("--filter-threshold", type=float, default=FILTER_CONFIDENCE_THRESHOLD,
                         help="--filter-mode threshold: the lowest confidence a synthetic image may have")
-    parser.add_argument("--models-root", default=None,
-                        help="folder of the filters (default: the classifiers' folder, {dirname(logdir)}/models)")
+    parser.add_argument("--models-root", default="models",
+                        help="folder of the filters, the same default as train_filter.py's --models-root")
+    parser.add_argument("--filter-backbone", default=FILTER_BACKBONE, choices=list_backbones(),
+                        help="backbone of the filter that --synthetic_filter train trains (the reference's resnet50, "
+                             "as train_filter.py; efficientnet_lite0 works offline)")
     # the classifier
     parser.add_argument("--classifier-backbone", default="resnet50", choices=list_backbones(),
                         help="ImageNet-pretrained backbone (resnet50 downloads torchvision's weights; "
@@ -206,7 +210,7 @@ def fill_template(template: str, flag: str, **fields) -> str:
 
 
 def plan_run(args: argparse.Namespace, seed: int, examples_per_class: int) -> Run:
-    """The paths of one run, from the flags' templates (SPEC §1)."""
+    """The paths of one run, from the flags' templates (the reference's layout)."""
     fields = dict(dataset=args.dataset, examples_per_class=examples_per_class, method=args.method, seed=seed)
     logdir = Path(fill_template(args.logdir, "--logdir", **fields))
     embed_template = args.embed_path
@@ -222,7 +226,7 @@ def plan_run(args: argparse.Namespace, seed: int, examples_per_class: int) -> Ru
                synthetic_dir=Path(fill_template(args.synthetic_dir, "--synthetic-dir", **fields)),
                embed_path=Path(fill_template(embed_template, "--embed-path", **fields)),
                model_path=logdir.parent / "models" / model_name,
-               models_root=Path(args.models_root) if args.models_root else logdir.parent / "models")
+               models_root=Path(args.models_root))
 
 
 def sibling_synthetic_dirs(args: argparse.Namespace, run: Run) -> list[str]:
@@ -243,6 +247,28 @@ def check_test_splits(args: argparse.Namespace) -> None:
         folder = dataset_class.resolve_data_dir(args.data_dir) / dataset_class.split_folders[split]
         if not folder.is_dir():
             raise UserError(f"--eval_on_test_set {split}: folder {folder} not found; pass the --data-dir that has it")
+
+
+def check_run_inputs(args: argparse.Namespace, runs: list[Run]) -> None:
+    """Read every input the runs need (data splits, token files, prompt CSV, filters) before the first image is
+    generated or the first step trained, so that a missing file stops the command at once."""
+    from semantic_aug.augmentations.generative_augmentation import check_strength_and_guidance
+    from semantic_aug.filtering import check_filter_file, filter_path
+    from semantic_aug.synthetic import check_augmentation_inputs
+
+    if args.num_synthetic > 0 and runs:
+        for strength in args.strength:
+            check_strength_and_guidance(strength, args.guidance_scale[0])
+        for guidance_scale in args.guidance_scale:
+            check_strength_and_guidance(args.strength[0], guidance_scale)
+    for run in runs:
+        class_names = load_split(args, run, "train").class_names
+        load_split(args, run, "val")
+        if args.num_synthetic == 0:
+            continue
+        check_augmentation_inputs(args.aug, run.embed_path, class_names, args.use_generated_prompts, args.prompt_path)
+        if args.synthetic_filter == "use":
+            check_filter_file(filter_path(run.models_root, args.dataset, run.seed, run.examples_per_class))
 
 
 def missing_outputs(args: argparse.Namespace, run: Run) -> tuple[bool, list[str]]:
@@ -322,7 +348,7 @@ def attach_synthetic_images(args: argparse.Namespace, run: Run, train_dataset, m
 
     if args.synthetic_filter == "train":  # trained like the classifier, on the same real images (kept if it exists)
         train_filter(args.dataset, run.seed, run.examples_per_class, data_dir=args.data_dir,
-                     backbone=args.classifier_backbone, models_root=run.models_root, logdir=run.logdir,
+                     backbone=args.filter_backbone, models_root=run.models_root, logdir=run.logdir,
                      iterations_per_epoch=args.iterations_per_epoch, max_epochs=args.num_epochs,
                      batch_size=args.batch_size, image_size=args.image_size, bad_images=args.bad_images,
                      train_pool_size=args.train_pool_size, device=device)
@@ -393,6 +419,7 @@ def main(args: argparse.Namespace) -> None:
             runs.append((run, must_train, missing_splits))
         else:
             logger.info("%s: results, model and test CSVs exist; skipped (delete them to rerun)", run.name)
+    check_run_inputs(args, [run for run, must_train, _ in runs if must_train])
 
     # 1. synthetic images for every run first, so that processes never wait on another's training
     manifests = {}

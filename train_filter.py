@@ -19,31 +19,31 @@ from __future__ import annotations
 import argparse
 import logging
 
-from semantic_aug.classifiers import OFFLINE_BACKBONE, list_backbones
+from semantic_aug.classifiers import list_backbones
 from semantic_aug.datasets import add_dataset_arguments, check_dataset_arguments
-from semantic_aug.filtering import TEMPERATURE_ITERATIONS, TEMPERATURE_LR, train_filter
-from semantic_aug.utils import check_flag_minimum, run_cli
+from semantic_aug.filtering import FILTER_BACKBONE, TEMPERATURE_ITERATIONS, TEMPERATURE_LR, train_filter
+from semantic_aug.utils import HelpFormatter, check_flag_minimum, run_cli
 
 logger = logging.getLogger("train_filter")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_dataset_arguments(parser, purpose="dataset to train on")
     parser.add_argument("--seeds", "--seed", dest="seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="seeds of the few-shot selection and training; one filter per seed")
     parser.add_argument("--examples-per-class", type=int, nargs="+", default=[2, 4, 8],
                         help="real training images per class; one filter per value")
-    parser.add_argument("--classifier-backbone", default=OFFLINE_BACKBONE, choices=list_backbones(),
-                        help="frozen pretrained backbone under the linear head (the reference used resnet50, "
-                             "which needs torchvision's download; efficientnet_lite0 works offline)")
+    parser.add_argument("--classifier-backbone", default=FILTER_BACKBONE, choices=list_backbones(),
+                        help="frozen pretrained backbone under the linear head (resnet50, the reference's, downloads "
+                             "torchvision's ImageNet weights once; efficientnet_lite0 works offline)")
     parser.add_argument("--iterations-per-epoch", type=int, default=200, help="training batches per epoch")
     parser.add_argument("--max-epochs", type=int, default=50,
                         help="upper bound on epochs; early stopping usually ends sooner")
     parser.add_argument("--batch-size", type=int, default=16,
                         help="images per training batch (the classifier's batch size)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate of the linear head (AdamW)")
-    parser.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay of the linear head")
+    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate of the linear head (Adam)")
+    parser.add_argument("--weight-decay", type=float, default=1e-2, help="Adam weight decay (an L2 term in the gradient, as the reference) of the linear head")
     parser.add_argument("--early-stopping-patience", type=int, default=6,
                         help="stop after this many epochs without a lower mean per-class validation loss; 0 disables")
     parser.add_argument("--image-size", type=int, default=256, help="side of the square input images in pixels")

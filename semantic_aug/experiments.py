@@ -40,7 +40,7 @@ from typing import Callable
 
 from semantic_aug.executors import (REPO_ROOT, Scheduler, SlurmExecutor, SlurmSettings, describe_submissions,
                                     visible_gpus, worker_slots)
-from semantic_aug.utils import UserError, run_cli, str2bool
+from semantic_aug.utils import HelpFormatter, UserError, run_cli, str2bool
 
 logger = logging.getLogger(__name__)
 
@@ -415,7 +415,7 @@ def check_dataset(config: dict) -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--config", required=True, help="experiment YAML, e.g. experiments/custom_coco.yaml")
     parser.add_argument("--dry-run", action=argparse.BooleanOptionalAction, default=False,
                         help="print the commands (marking those whose results exist), the work and estimated time per "

@@ -45,25 +45,27 @@ def add_bad_images_argument(parser) -> None:
 
 def build_transform(split: str, image_size: int = DEFAULT_IMAGE_SIZE, random_crop: bool = True,
                     use_randaugment: bool = False) -> T.Compose:
-    """The per-split image transform of SPEC §2, ending in a [0, 1] float tensor.
+    """The per-split image transform of the reference, ending in a [0, 1] float tensor.
 
     Args:
-        split: `train` gets random crop/flip/rotation (and RandAugment if asked); every other split a plain resize.
+        split: `train` gets random crop/flip/rotation (or RandAugment if asked); every other split a plain resize.
         image_size: output side length in pixels.
         random_crop: RandomResizedCrop(0.7-1.0) for training (Custom COCO, FOCUS); False gives a resize (COCO).
-        use_randaugment: add torchvision's RandAugment to the training transform.
+        use_randaugment: the reference's RandAugment chain for training, a resize then torchvision's RandAugment,
+            in place of the crop, flip and rotation.
     """
+    resize = T.Resize((image_size, image_size))
     if split != TRAIN_SPLIT:
-        return T.Compose([T.Resize((image_size, image_size)), T.ToTensor()])
-    steps = [T.RandomResizedCrop(image_size, scale=RANDOM_CROP_SCALE) if random_crop else T.Resize((image_size, image_size)),
-             T.RandomHorizontalFlip(), T.RandomRotation(RANDOM_ROTATION_DEGREES)]
+        return T.Compose([resize, T.ToTensor()])
     if use_randaugment:
-        steps.append(T.RandAugment())
+        return T.Compose([resize, T.RandAugment(), T.ToTensor()])
+    steps = [T.RandomResizedCrop(image_size, scale=RANDOM_CROP_SCALE) if random_crop else resize,
+             T.RandomHorizontalFlip(), T.RandomRotation(RANDOM_ROTATION_DEGREES)]
     return T.Compose(steps + [T.ToTensor()])
 
 
 class FewShotDataset(Dataset, abc.ABC):
-    """Abstract few-shot dataset (SPEC §2).
+    """Abstract few-shot dataset, with the reference's interface.
 
     Subclasses set `class_names` and implement `__len__`, `get_image_by_idx`, `get_label_by_idx` and
     `get_metadata_by_idx`. For image folders, subclass `FolderFewShotDataset` instead, which needs only the
@@ -75,7 +77,7 @@ class FewShotDataset(Dataset, abc.ABC):
         seed: seeds the few-shot selection; the same seed gives the same images.
         image_size: side of the square tensors the transform produces.
         synthetic_probability: chance that `__getitem__` returns one of the synthetic siblings of a real image.
-        use_randaugment: add RandAugment to the training transform.
+        use_randaugment: the reference's RandAugment chain (resize, RandAugment) as the training transform.
         transform: overrides the default per-split transform.
         bad_images: `error` stops at the first empty or corrupt image (naming it); `skip` leaves it out with a
             warning (datasets that check their files up front, such as `FolderFewShotDataset`).
@@ -115,7 +117,7 @@ class FewShotDataset(Dataset, abc.ABC):
         self.synthetic_images: dict[int, list[str]] = {}
         self.synthetic_weights: dict[int, np.ndarray] = {}
 
-    # -- the abstract API of SPEC §2 ------------------------------------------------------------------------
+    # -- the abstract API of the reference's FewShotDataset ---------------------------------------------------
 
     @abc.abstractmethod
     def __len__(self) -> int: ...

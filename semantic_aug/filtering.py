@@ -11,9 +11,10 @@ sibling replaces that image (`FewShotDataset.set_synthetic_images`). The loss is
 loss, siblings chosen uniformly) and `threshold` (images below a confidence are dropped, the rest chosen
 uniformly).
 
-Fixes over the reference: the best epoch is a real copy (the reference kept the last), the temperature is
-optimised in log space so it stays positive, the calibration log is named per dataset/seed/epc (the reference
-overwrote one file), and the scores are cached in the synthetic manifest so a rerun does not rescore.
+Fixes over the reference: the best epoch is a real copy (the reference kept the last), a temperature that is not
+positive or does not lower the validation NLL falls back to T = 1, the calibration log is named per
+dataset/seed/epc (the reference overwrote one file), and the scores are cached in the synthetic manifest so a rerun
+does not rescore.
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from semantic_aug.classifiers import OFFLINE_BACKBONE, FewShotClassifier
+from semantic_aug.classifiers import FewShotClassifier
 from semantic_aug.few_shot_dataset import TRAIN_SPLIT, build_transform
 from semantic_aug.utils import (UserError, atomic_torch_save, atomic_write_csv, atomic_write_text, load_image,
                                 pick_device)
 
 logger = logging.getLogger(__name__)
 
+FILTER_BACKBONE = "resnet50"  # the reference's filter: a frozen ImageNet ResNet-50 under a linear head
 FILTER_CONFIDENCE_THRESHOLD = 0.5  # paper: weight 1 at or above, confidence / 0.5 (= 2 × confidence) below
 NUM_VIEWS = 5  # random training views averaged per synthetic image (paper)
 TEMPERATURE_LR = 1e-2  # LBFGS learning rate of the reference's temperature scaling
@@ -59,7 +61,7 @@ FILTER_FORMAT_VERSION = 1
 
 
 def filter_path(models_root: str | os.PathLike, dataset: str, seed: int, examples_per_class: int) -> Path:
-    """Where the filter of one run lives: `{models_root}/filter_{dataset}_{seed}_{examples_per_class}.pth` (SPEC).
+    """Where the filter of one run lives: `{models_root}/filter_{dataset}_{seed}_{examples_per_class}.pth`.
 
     Args:
         models_root: folder of the saved models (`--models-root`, default `models`).
@@ -128,6 +130,13 @@ def save_filter(filter_model: FilterModel, path: str | os.PathLike, metadata: di
     }, path)
 
 
+def check_filter_file(path: str | os.PathLike) -> None:
+    """A `UserError` naming the expected filter file and how to make it, when it does not exist."""
+    if not Path(path).is_file():
+        raise UserError(f"no trained filter at {path}: create it with `python train_filter.py` (same --dataset, "
+                        f"--seed, --examples-per-class and --models-root) or pass --synthetic_filter train")
+
+
 def load_filter(path: str | os.PathLike, device: str | torch.device | None = None) -> FilterModel:
     """Load a filter saved by `train_filter` / `save_filter`, in eval mode on `device`.
 
@@ -142,9 +151,7 @@ def load_filter(path: str | os.PathLike, device: str | torch.device | None = Non
         UserError: the file is missing (naming the expected path and how to create it) or unreadable.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no trained filter at {path}: create it with `python train_filter.py` (same --dataset, "
-                        f"--seed, --examples-per-class and --models-root) or pass --synthetic_filter train")
+    check_filter_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if state.get("format_version") != FILTER_FORMAT_VERSION:
@@ -230,40 +237,41 @@ def calibration_metrics(logits: torch.Tensor, labels: torch.Tensor, temperature:
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, lr: float = TEMPERATURE_LR,
                     max_iter: int = TEMPERATURE_ITERATIONS) -> float:
-    """Temperature scaling: the T > 0 minimising the NLL of `softmax(logits / T)` (LBFGS, as the reference).
+    """Temperature scaling as the reference ran it: plain LBFGS (no line search) on T, from T = 1, minimising the
+    NLL of `softmax(logits / T)` (Guo et al., 2017).
 
-    The optimiser works on log T, so T stays positive whatever step it takes, and a strong-Wolfe line search
-    keeps it from overshooting. If the result were not better than T = 1 (it should always be), T = 1 is kept.
+    The one addition is a guard: if LBFGS ends at a T that is not positive and finite, or that does not lower the
+    NLL below that of T = 1, T = 1 is kept (the reference would have saved it).
 
     Args:
         logits: (N, C) uncalibrated validation logits.
         labels: (N,) true classes.
-        lr: LBFGS learning rate (initial step length).
+        lr: LBFGS learning rate.
         max_iter: LBFGS iterations.
 
     Returns:
-        The log-temperature (0 = uncalibrated).
+        The log-temperature (0 = uncalibrated), the form the filter file stores.
     """
     logits, labels = logits.detach().float(), labels.detach().long()
-    log_temperature = torch.zeros((), requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_temperature], lr=lr, max_iter=max_iter, line_search_fn="strong_wolfe")
+    temperature = torch.ones(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([temperature], lr=lr, max_iter=max_iter)
 
     def closure():
         optimizer.zero_grad()
-        loss = F.cross_entropy(logits / log_temperature.exp(), labels)
+        loss = F.cross_entropy(logits / temperature, labels)
         loss.backward()
         return loss
 
     optimizer.step(closure)
-    result = float(log_temperature.detach())
+    result = float(temperature.detach())
     with torch.no_grad():
         before = float(F.cross_entropy(logits, labels))
-        after = float(F.cross_entropy(logits / math.exp(result), labels)) if math.isfinite(result) else math.inf
+        after = float(F.cross_entropy(logits / result, labels)) if math.isfinite(result) and result > 0 else math.inf
     if not after <= before:
-        logger.warning("temperature scaling did not lower the validation NLL (%.4f -> %.4f); keeping T = 1",
-                       before, after)
+        logger.warning("temperature scaling ended at T = %s without lowering the validation NLL (%.4f -> %.4f); "
+                       "keeping T = 1", result, before, after)
         return 0.0
-    return result
+    return math.log(result)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -271,7 +279,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, lr: float = TEMP
 
 
 def train_filter(dataset_name: str, seed: int, examples_per_class: int, *, data_dir: str | os.PathLike | None = None,
-                 backbone: str = OFFLINE_BACKBONE, models_root: str | os.PathLike = "models",
+                 backbone: str = FILTER_BACKBONE, models_root: str | os.PathLike = "models",
                  logdir: str | os.PathLike = "logs", iterations_per_epoch: int = 200, max_epochs: int = 50,
                  batch_size: int = 16, lr: float = 1e-4, weight_decay: float = 1e-2,
                  early_stopping_patience: int | None = 6, image_size: int = 256, use_randaugment: bool = True,
@@ -279,11 +287,11 @@ def train_filter(dataset_name: str, seed: int, examples_per_class: int, *, data_
                  overwrite: bool = False, bad_images: str = "error", device: str | torch.device | None = None,
                  train_pool_size: int | None = None,
                  progress: bool = True) -> Path:
-    """Train, calibrate and save the filter of one (dataset, seed, examples_per_class) run (SPEC train_filter.py).
+    """Train, calibrate and save the filter of one (dataset, seed, examples_per_class) run, as the reference did.
 
     Steps: the real few-shot training split only (RandAugment on), a frozen pretrained backbone plus a linear
-    head trained with the shared loop (class-balanced sampling, AdamW with weight decay, early stopping on the
-    mean per-class validation loss, best epoch kept as a copy); temperature scaling on the validation logits;
+    head trained with the shared loop (class-balanced sampling, Adam with L2 weight decay as the reference, early
+    stopping on the mean per-class validation loss, best epoch kept as a copy); temperature scaling on the validation logits;
     NLL and ECE before and after calibration logged to `{logdir}/calibration_filter_{dataset}_{seed}_{epc}.csv`
     and the training curves to `{logdir}/train_filter_{dataset}_{seed}_{epc}.csv`.
 
@@ -299,7 +307,7 @@ def train_filter(dataset_name: str, seed: int, examples_per_class: int, *, data_
         max_epochs: upper bound on epochs (early stopping usually ends sooner).
         batch_size: images per batch.
         lr: learning rate of the head.
-        weight_decay: AdamW weight decay.
+        weight_decay: Adam's (coupled, L2) weight decay, as the reference.
         early_stopping_patience: stop after this many epochs without a lower validation loss (None: never).
         image_size: side of the square input images in pixels.
         use_randaugment: add RandAugment to the training transform (the reference did).
@@ -421,16 +429,18 @@ def normalise_sibling_weights(weights, groups) -> np.ndarray:
 
 
 def scoring_transform(dataset, image_size: int | None = None):
-    """The random views used for scoring: the dataset's training transform without RandAugment (SPEC).
+    """The random views used for scoring: the training transform of `dataset`, as the reference scored with it.
 
     Args:
-        dataset: the training dataset (gives the crop style, and the image size unless `image_size` is given).
+        dataset: the classifier's training dataset (gives the crop style, whether RandAugment is on, and the image
+            size unless `image_size` is given).
         image_size: output side in pixels (the filter's training size).
 
     Returns:
         A torchvision transform, PIL image -> [0, 1] tensor.
     """
-    return build_transform(TRAIN_SPLIT, image_size or dataset.image_size, dataset.random_crop, use_randaugment=False)
+    return build_transform(TRAIN_SPLIT, image_size or dataset.image_size, dataset.random_crop,
+                           use_randaugment=getattr(dataset, "use_randaugment", False))
 
 
 def _image_seed(seed: int, path: str | os.PathLike) -> int:

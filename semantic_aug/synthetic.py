@@ -74,6 +74,37 @@ def _per_augmentation(values, count: int, flag: str) -> list:
     return values
 
 
+def check_augmentation_inputs(aug_names: Sequence[str], embed_path: str | os.PathLike | None,
+                              class_names: Sequence[str], use_generated_prompts: bool = False,
+                              prompt_path: str | os.PathLike | None = None) -> dict[str, list[str]] | None:
+    """Check the files an augmentation reads (token file, prompt CSV) without loading any model.
+
+    Args:
+        aug_names: `--aug` names.
+        embed_path: the token file (needed by `textual-inversion`).
+        class_names: the dataset's classes; each needs its token and its prompts.
+        use_generated_prompts: DIAGen (b) reads `prompt_path`.
+        prompt_path: the prompt CSV of `generate_prompts.py`.
+
+    Returns:
+        The prompts per class under `use_generated_prompts`, else None.
+
+    Raises:
+        UserError: an unknown augmentation, a missing or malformed token file or prompt CSV, or a class missing
+            from either.
+    """
+    classes = [get_augmentation_class(name) for name in aug_names]
+    if any(issubclass(cls, TextualInversion) for cls in classes):
+        if embed_path is None:
+            raise UserError("textual-inversion needs a token file: pass --embed-path")
+        load_tokens(embed_path, class_names)
+    if not use_generated_prompts:
+        return None
+    if prompt_path is None:
+        raise UserError("--use-generated-prompts 1 needs --prompt-path (a CSV from generate_prompts.py)")
+    return read_prompt_csv(prompt_path, class_names)
+
+
 def build_augmentation(aug_names: Sequence[str], *, model_path: str, embed_path: str | os.PathLike | None,
                        dataset_name: str, class_names: Sequence[str], prompt: str, strength, guidance_scale,
                        mask=False, inverted=False, probs: Sequence[float] | None = None, compose: str = "parallel",
@@ -84,7 +115,7 @@ def build_augmentation(aug_names: Sequence[str], *, model_path: str, embed_path:
                        erasure_ckpt_path: str | os.PathLike | None = None, compile_model: bool = False,
                        compile_mode: str = DEFAULT_COMPILE_MODE,
                        attention_backend: str = "auto") -> GenerativeAugmentation:
-    """The augmentation `train_classifier.py` generates with, from its flags (SPEC §1, §2).
+    """The augmentation `train_classifier.py` generates with, from its flags, as the reference built it.
 
     Cheap checks run before the model loads. The model is loaded fresh on every call: each (seed, examples per
     class) run gets its own token file (the reference kept the first run's pipeline and tokens).
@@ -139,18 +170,9 @@ def build_augmentation(aug_names: Sequence[str], *, model_path: str, embed_path:
         check_strength_and_guidance(strength_i, guidance_i)
     if probs is not None and len(probs) != count:
         raise UserError(f"--probs has {len(probs)} values for {count} --aug augmentations; give one per --aug")
-    uses_tokens = any(issubclass(cls, TextualInversion) for cls in classes)
-    if uses_tokens and embed_path is None:
-        raise UserError("textual-inversion needs a token file: pass --embed-path")
-    if uses_tokens:
-        load_tokens(embed_path, class_names)  # a missing file or class token fails before the model loads
-    if use_embedding_noise and not uses_tokens:
+    class_prompts = check_augmentation_inputs(aug_names, embed_path, class_names, use_generated_prompts, prompt_path)
+    if use_embedding_noise and not any(issubclass(cls, TextualInversion) for cls in classes):
         logger.warning("--use-embedding-noise has no effect without --aug textual-inversion")
-    class_prompts = None
-    if use_generated_prompts:
-        if prompt_path is None:
-            raise UserError("--use-generated-prompts 1 needs --prompt-path (a CSV from generate_prompts.py)")
-        class_prompts = read_prompt_csv(prompt_path, class_names)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")

@@ -1,6 +1,6 @@
 """Textual Inversion: learn one token embedding per class, the engine behind `fine_tune.py`.
 
-The algorithm is the reference's (SPEC §1): a new token `<class_>` starts from the embedding of an initializer
+The algorithm is the reference's: a new token `<class_>` starts from the embedding of an initializer
 word; the images of the class, resized (bicubic) and randomly mirrored, are noised at a uniform DDPM timestep;
 a random caption template ("a photo of a <class_>") conditions the frozen UNet, and the MSE between predicted and
 true noise trains only the new embedding row.
@@ -66,7 +66,7 @@ STYLE_TEMPLATES = (
 )
 TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
 
-CHECKPOINT_FORMAT = 1  # bump when the checkpoint dict changes
+CHECKPOINT_FORMAT = 2  # bump when the checkpoint dict changes
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)\.pt$")
 VAE_ENCODE_BATCH = 8  # images per VAE call when filling the latent cache (bounded memory at 512 px)
 MAX_NONFINITE_UPDATES = 5  # consecutive NaN/inf losses of a class before the run stops
@@ -101,6 +101,7 @@ class TextualInversionConfig:
     """
 
     resolution: int
+    repeats: int = 100
     center_crop: bool = False
     flip_p: float = 0.5
     train_batch_size: int = 4
@@ -300,10 +301,45 @@ class Draw:
         return len(self.image_index)
 
 
-def draw_batch(generator: torch.Generator, batch_size: int, num_images: int, num_templates: int,
-               num_train_timesteps: int, latent_shape: Sequence[int], flip_p: float) -> Draw:
-    """Draw one class's micro-batch. The order of draws is fixed: it is what makes checkpoints resume exactly."""
-    image_index = torch.randint(num_images, (batch_size,), generator=generator)
+class EpochOrder:
+    """The reference's image order: epochs of `num_images × repeats` samples, shuffled, each image `repeats` times
+    per epoch (a DataLoader with `shuffle=True` over the repeated dataset); batches run on across epochs.
+
+    Args:
+        num_images: the class's training images.
+        repeats: passes over the images per epoch (`--repeats`).
+    """
+
+    def __init__(self, num_images: int, repeats: int):
+        self.num_images, self.repeats = num_images, repeats
+        self.order = torch.zeros(0, dtype=torch.long)
+        self.position = 0
+
+    def take(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        """The next `count` image indices; a new epoch's permutation is drawn from `generator` when one runs out."""
+        taken = []
+        while count > 0:
+            if self.position >= len(self.order):
+                self.order = torch.randperm(self.num_images * self.repeats, generator=generator) % self.num_images
+                self.position = 0
+            part = self.order[self.position: self.position + count]
+            taken.append(part)
+            self.position += len(part)
+            count -= len(part)
+        return torch.cat(taken) if taken else torch.zeros(0, dtype=torch.long)
+
+    def state_dict(self) -> dict:
+        return {"order": self.order.clone(), "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order, self.position = state["order"].clone(), int(state["position"])
+
+
+def draw_batch(generator: torch.Generator, image_index: torch.Tensor, num_templates: int, num_train_timesteps: int,
+               latent_shape: Sequence[int], flip_p: float) -> Draw:
+    """Draw one class's micro-batch for the images `image_index` (from its `EpochOrder`). The order of draws is
+    fixed: it is what makes checkpoints resume exactly."""
+    batch_size = len(image_index)
     flip = torch.rand(batch_size, generator=generator) < flip_p
     template_index = torch.randint(num_templates, (batch_size,), generator=generator)
     timesteps = torch.randint(num_train_timesteps, (batch_size,), generator=generator)
@@ -480,6 +516,7 @@ class TrainingGroup:
         self.latents = [LatentSource(trainer.vae, self._pixels(spec), trainer.weight_dtype, trainer.device,
                                      config.cache_latents) for spec in classes]
         self.generators = [torch.Generator().manual_seed(stable_seed(seed, spec.name)) for spec in classes]
+        self.epoch_orders = [EpochOrder(len(latents.pixels), config.repeats) for latents in self.latents]
         self.losses: list[list[float]] = [[] for _ in classes]
         self.nonfinite_updates = [0] * len(classes)  # consecutive updates skipped for a NaN/inf loss, per class
         self.settings = [dict(trainer.run_settings, **config.settings(), seed=seed, token=spec.token,
@@ -527,9 +564,9 @@ class TrainingGroup:
     def draw(self, row: int) -> Draw:
         """The next micro-batch of class `row`, from its generator."""
         trainer = self.trainer
-        return draw_batch(self.generators[row], trainer.config.train_batch_size, len(self.latents[row].pixels),
-                          len(trainer.templates), trainer.noise_scheduler.config.num_train_timesteps,
-                          trainer.latent_shape, trainer.config.flip_p)
+        image_index = self.epoch_orders[row].take(trainer.config.train_batch_size, self.generators[row])
+        return draw_batch(self.generators[row], image_index, len(trainer.templates),
+                          trainer.noise_scheduler.config.num_train_timesteps, trainer.latent_shape, trainer.config.flip_p)
 
     # -- the loss ----------------------------------------------------------------------------------------------
 
@@ -712,7 +749,7 @@ class TrainingGroup:
         step = self.steps[row]
         state = {"format": CHECKPOINT_FORMAT, "token": spec.token, "embedding": self.vector(row),
                  "optimizer": self.optimizer.row_state(row), "generator": self.generators[row].get_state(),
-                 "losses": list(self.losses[row]), "settings": self.settings[row],
+                 "epoch_order": self.epoch_orders[row].state_dict(), "losses": list(self.losses[row]), "settings": self.settings[row],
                  "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
         path = Path(spec.output_dir) / f"checkpoint-{step}.pt"
         atomic_torch_save(state, path)
@@ -750,6 +787,7 @@ class TrainingGroup:
             self.embedding.learned[row] = state["embedding"].to(self.embedding.learned.device)
         self.optimizer.load_row_state(row, state["optimizer"])
         self.generators[row].set_state(state["generator"])
+        self.epoch_orders[row].load_state_dict(state["epoch_order"])
         self.losses[row] = list(state["losses"])
         if self.scaler is not None and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])

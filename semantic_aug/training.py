@@ -2,22 +2,26 @@
 
 The reference fed every training draw through a PIL pipeline in DataLoader workers (decode, crop, rotate,
 normalise), which bounds a linear probe at a few hundred images/s. Here each image, real or synthetic, is
-decoded once into a uint8 tensor of `image_size`² (the val/test `Resize`) kept on the training device, and
-the training transform runs there in batch with one `grid_sample` call. The semantics of SPEC §1-§3 are kept:
+decoded once into a uint8 tensor kept on the training device (validation and test images at `image_size`², the
+val/test `Resize`; training images at `CACHE_SCALE` times that side), and the training transform runs there in
+batch. The reference's semantics are kept:
 
 * draws: DIAGen's class-balanced sampler (`class_balanced_sampler`), `batch_size × iterations_per_epoch` per epoch;
 * each draw becomes one of the real image's synthetic siblings with probability `synthetic_probability`, the
   sibling picked uniformly or with the filter's sibling probabilities (`FewShotDataset.set_synthetic_images`);
 * train transform: RandomResizedCrop(scale 0.7-1, ratio 3/4-4/3; a plain resize for COCO), horizontal flip,
-  rotation up to ±15° with black corners, optional RandAugment and CutMix; val/test: the resize alone;
-* Adam (AdamW with weight decay), cross-entropy, best epoch by mean per-class validation accuracy (strict >),
+  rotation up to ±15° with black corners (nearest neighbour, torchvision's default); with RandAugment the
+  reference's other chain, a resize then RandAugment; optional CutMix; val/test: the resize alone;
+* Adam (weight decay as the reference's coupled L2 term, `make_optimizer`), cross-entropy, best epoch by mean per-class validation accuracy (strict >),
   kept as a real copy of the weights (the reference kept the last epoch's by mistake);
 * validation: the whole val split once, without replacement (the reference sampled it with replacement);
   classes absent from a split are left out of its mean instead of counting as 0.
 
-The crop is drawn in the original image's pixel geometry (area fraction and aspect ratio), so caching at the
-output size changes only the resampling, not which part of the image is seen. On CUDA the model runs in
-bf16 autocast with channels_last; on the CPU in float32.
+The crop is drawn in the original image's pixel geometry (area fraction and aspect ratio), so the cache changes
+only the resampling, not which part of the image is seen. The crop is sampled from the cache at the cache's own
+resolution and then reduced to `image_size` with an antialiased bilinear resize, as torchvision resizes a crop
+of the decoded image; `tests/test_training.py` measures the difference against torchvision's chain. On CUDA the
+model runs in bf16 autocast with channels_last; on the CPU in float32.
 """
 
 from __future__ import annotations
@@ -56,6 +60,10 @@ RANDOM_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision RandomResizedCrop's de
 RANDOM_CROP_ATTEMPTS = 10  # torchvision's tries before falling back to a centre crop
 CUTMIX_PROBABILITY = 0.5  # chance that a draw gets a patch of another image (the reference's CutMix(prob=0.5))
 OUTSIDE_GRID = -4.0  # a grid_sample coordinate far outside [-1, 1]: samples zeros (the rotation's black corners)
+# training images are cached at up to twice the output side, never enlarged: a crop (70-100% of the area) is then
+# reduced with PIL's antialiased filter almost as torchvision reduces the crop of the decoded image (a square cache
+# at the output side had to enlarge every crop: 2.4 uint8 levels off torchvision, 23% less sharp)
+CACHE_SCALE = 2
 MAX_DECODE_THREADS = 8
 
 
@@ -70,37 +78,47 @@ def default_num_workers() -> int:
 
 @dataclass
 class ImageCache:
-    """Images decoded once and resized to a square.
+    """Images decoded once, each resized into an S × S tensor.
 
     Attributes:
-        images: uint8 (N, 3, S, S) on the training device; `images / 255` is the val/test transform's output.
+        images: uint8 (N, 3, S, S) on the training device; for a square cache `images / 255` is the val/test
+            transform's output.
         sizes: float (N, 2) original (height, width) in pixels, on the CPU (the crop geometry needs them).
+        stored: float (N, 2) (height, width) of the image inside its S × S slot (top left), on the device: S, S
+            for a square cache; at most S and never more than the original for a training cache.
     """
 
     images: torch.Tensor
     sizes: torch.Tensor
+    stored: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
 
-def _decode_resized(load: Callable[[], object], image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
+def _decode_resized(load: Callable[[], object], image_size: int,
+                    square: bool = True) -> tuple[np.ndarray, tuple[int, int]]:
     from PIL import Image
 
     image = load()
     width, height = image.size
-    # torchvision's Resize((S, S)) on a PIL image is exactly this call (bilinear with PIL's antialiasing)
-    resized = image.resize((image_size, image_size), Image.BILINEAR)
+    # torchvision's Resize((S, S)) on a PIL image is exactly this call (bilinear with PIL's antialiasing); the
+    # training cache only shrinks a side longer than S
+    target = (image_size, image_size) if square else (min(width, image_size), min(height, image_size))
+    resized = image.resize(target, Image.BILINEAR) if target != (width, height) else image
     return np.array(resized, dtype=np.uint8), (height, width)  # a writable copy
 
 
 def build_image_cache(loaders: Sequence[Callable[[], object]], image_size: int, device: torch.device | str,
-                      num_workers: int | None = None, progress: bool = False, desc: str = "decode") -> ImageCache:
+                      num_workers: int | None = None, progress: bool = False, desc: str = "decode",
+                      square: bool = True) -> ImageCache:
     """Decode images in parallel threads into one uint8 tensor on `device`.
 
     Args:
         loaders: one zero-argument function per image returning an RGB PIL image.
-        image_size: side of the square each image is resized to.
+        image_size: side S of the square slot of each image.
+        square: True resizes every image to S × S (the val/test transform); False keeps each side at its
+            original length up to S (the training cache, from which crops are resized).
         device: where the image tensor lives.
         num_workers: decoding threads (PIL releases the GIL while decoding); default `default_num_workers()`.
         progress: show a progress bar.
@@ -109,16 +127,18 @@ def build_image_cache(loaders: Sequence[Callable[[], object]], image_size: int, 
     Returns:
         An `ImageCache` with the images in `loaders` order.
     """
-    images = torch.empty((len(loaders), image_size, image_size, 3), dtype=torch.uint8)
+    images = torch.zeros((len(loaders), image_size, image_size, 3), dtype=torch.uint8)
     sizes = torch.empty((len(loaders), 2), dtype=torch.float32)
+    stored = torch.empty((len(loaders), 2), dtype=torch.float32)
     workers = num_workers or default_num_workers()
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        decoded = pool.map(partial(_decode_resized, image_size=image_size), loaders)
+        decoded = pool.map(partial(_decode_resized, image_size=image_size, square=square), loaders)
         for i, (array, size) in enumerate(tqdm(decoded, total=len(loaders), desc=desc, disable=not progress,
                                                leave=False)):
-            images[i] = torch.from_numpy(array)
+            images[i, : array.shape[0], : array.shape[1]] = torch.from_numpy(array)
             sizes[i] = torch.tensor(size, dtype=torch.float32)
-    return ImageCache(images.permute(0, 3, 1, 2).contiguous().to(device), sizes)
+            stored[i] = torch.tensor(array.shape[:2], dtype=torch.float32)
+    return ImageCache(images.permute(0, 3, 1, 2).contiguous().to(device), sizes, stored.to(device))
 
 
 def cache_dataset(dataset, device: torch.device | str, num_workers: int | None = None,
@@ -176,35 +196,74 @@ def pixel_centres(image_size: int, device: torch.device | str) -> tuple[torch.Te
     return torch.meshgrid(line, line, indexing="ij")
 
 
-def warp_images(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, angles: torch.Tensor,
-                image_size: int) -> torch.Tensor:
-    """Crop, resize, flip and rotate a batch in one bilinear `grid_sample`.
+def resize_weights(starts: torch.Tensor, lengths: torch.Tensor, in_size: int, out_size: int,
+                   limits: torch.Tensor | None = None) -> torch.Tensor:
+    """Matrices that resize a span of pixels as PIL's antialiased bilinear `resize(box=...)` does, one per row.
 
-    Same result as torchvision's RandomResizedCrop → RandomHorizontalFlip → RandomRotation applied one after
-    the other (corners the rotation uncovers are black), up to resampling.
+    Output pixel i samples source position `start + (i + 0.5) · scale` (scale = length / out_size) with a triangle
+    filter as wide as max(scale, 1) source pixels on each side, clipped to the image and normalised to sum 1.
 
     Args:
-        images: uint8 (B, 3, H, W) source images.
+        starts: (B,) first source coordinate of each span, in pixels (fractional).
+        lengths: (B,) span lengths in pixels.
+        in_size: source side in pixels.
+        out_size: output side in pixels.
+        limits: (B,) length of each source image along this side (pixels beyond it are padding); None: in_size.
+
+    Returns:
+        float (B, out_size, in_size).
+    """
+    scale = (lengths / out_size)[:, None, None]
+    support = scale.clamp(min=1.0)
+    centres = starts[:, None, None] + (torch.arange(out_size, device=starts.device)[None, :, None] + 0.5) * scale
+    source = torch.arange(in_size, device=starts.device, dtype=torch.float32)[None, None, :] + 0.5
+    weights = (1 - ((source - centres) / support).abs()).clamp(min=0)
+    if limits is not None:
+        weights = weights * (source < limits[:, None, None])
+    return weights / weights.sum(dim=2, keepdim=True).clamp(min=1e-12)
+
+
+def warp_images(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, angles: torch.Tensor,
+                image_size: int, stored: torch.Tensor | None = None) -> torch.Tensor:
+    """Crop, resize, flip and rotate a batch: torchvision's RandomResizedCrop → RandomHorizontalFlip → RandomRotation.
+
+    1. The crop is resized to `image_size` by two batched matrix products that apply PIL's antialiased bilinear
+       filter (`resize_weights`, the mirror image folded in), and rounded to 8 bits, as torchvision's
+       RandomResizedCrop resizes a PIL image.
+    2. The rotation samples that image with nearest neighbour (torchvision's default) about its centre; the
+       corners it uncovers are black.
+
+    Args:
+        images: uint8 (B, 3, H, H) cached images.
         boxes: (B, 4) crop boxes from `sample_crop_boxes`.
         flips: (B,) +1 to keep, -1 to mirror horizontally.
-        angles: (B,) rotation in radians.
+        angles: (B,) counter-clockwise rotation in radians (torchvision's `rotate` convention).
         image_size: output side.
+        stored: (B, 2) (height, width) of each image in the top left of its slot (`ImageCache.stored`); None: the
+            whole slot.
 
     Returns:
         float32 (B, 3, image_size, image_size) in [0, 1].
     """
-    y, x = pixel_centres(image_size, images.device)
-    cos, sin = angles.cos()[:, None, None], angles.sin()[:, None, None]
-    # output pixel -> point of the flipped crop that the rotation moved there
-    u = cos * x - sin * y
-    v = sin * x + cos * y
-    outside = (u.abs() > 1) | (v.abs() > 1)
-    u = u * flips[:, None, None]
-    grid_x = boxes[:, 0, None, None] + u * boxes[:, 2, None, None]
-    grid_y = boxes[:, 1, None, None] + v * boxes[:, 3, None, None]
-    grid = torch.stack([grid_x, grid_y], dim=-1).masked_fill(outside[..., None], OUTSIDE_GRID)
-    warped = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return warped / 255.0
+    side = images.shape[-1]
+    if stored is None:
+        stored = torch.full((images.shape[0], 2), float(side), device=images.device)
+    height, width = stored[:, 0], stored[:, 1]
+    rows = resize_weights((boxes[:, 1] - boxes[:, 3] + 1) / 2 * height, boxes[:, 3] * height, side, image_size,
+                          height)
+    columns = resize_weights((boxes[:, 0] - boxes[:, 2] + 1) / 2 * width, boxes[:, 2] * width, side, image_size,
+                             width)
+    columns = torch.where(flips[:, None, None] < 0, columns.flip(1), columns)
+    crops = rows[:, None] @ images.float() @ columns[:, None].transpose(-1, -2)  # (B, 3, S, S)
+    crops = crops.round().clamp(0, 255)
+    if bool((angles != 0).any()):
+        y, x = pixel_centres(image_size, images.device)
+        cos, sin = angles.cos()[:, None, None], angles.sin()[:, None, None]
+        u = cos * x - sin * y  # output pixel -> the point of the unrotated image that lands there
+        v = sin * x + cos * y
+        grid = torch.stack([u, v], dim=-1).masked_fill(((u.abs() > 1) | (v.abs() > 1))[..., None], OUTSIDE_GRID)
+        crops = F.grid_sample(crops, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return crops / 255.0
 
 
 def randaugment_batch(images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
@@ -271,7 +330,8 @@ class TrainingData:
         device: where images live and batches are built.
         sample_loss_weights: synthetic image path (str) -> loss weight (filter mode `loss`, as
             `semantic_aug.filtering.apply_filter_mode` returns them); other images weigh 1.
-        use_randaugment: add RandAugment after the geometric transform (None: `dataset.use_randaugment`).
+        use_randaugment: the reference's RandAugment chain, a resize then RandAugment, in place of the crop, flip
+            and rotation (None: `dataset.use_randaugment`).
         use_cutmix: paste a box of another image of the batch into half of the draws (labels mixed by area).
         num_workers: decoding threads.
         progress: show decoding progress.
@@ -307,8 +367,8 @@ class TrainingData:
                                       else np.full(len(paths), 1.0 / len(paths)))
                 loss_weights += [float((sample_loss_weights or {}).get(str(path), 1.0)) for path in paths]
         self.num_synthetic_images = len(loaders) - num_real
-        self.cache = build_image_cache(loaders, self.image_size, self.device, num_workers, progress,
-                                       desc="decode train")
+        self.cache = build_image_cache(loaders, self.image_size * CACHE_SCALE, self.device, num_workers, progress,
+                                       desc="decode train", square=False)
         self.loss_weights = torch.tensor(loss_weights, dtype=torch.float32)
 
         # sibling table: (num_real, K) cache rows and cumulative pick probabilities, padded with +inf
@@ -341,11 +401,14 @@ class TrainingData:
         choice = torch.searchsorted(self.sibling_cdf[real_idx], uniforms[:, 1:].contiguous(), right=True)[:, 0]
         choice = torch.minimum(choice, (self.sibling_count[real_idx] - 1).clamp(min=0))
         cache_index = torch.where(synthetic, self.sibling_rows[real_idx].gather(1, choice[:, None])[:, 0], real_idx)
-        # 2. the geometric transform's parameters
-        boxes = sample_crop_boxes(self.cache.sizes[cache_index], generator, self.random_crop)
+        # 2. the geometric transform's parameters; the reference's RandAugment chain is a plain resize before it
+        geometric = not self.use_randaugment
+        boxes = sample_crop_boxes(self.cache.sizes[cache_index], generator, self.random_crop and geometric)
         flips = torch.where(torch.rand(num_samples, generator=generator) < 0.5, -1.0, 1.0)
         max_angle = math.radians(RANDOM_ROTATION_DEGREES)
         angles = torch.empty(num_samples).uniform_(-max_angle, max_angle, generator=generator)
+        if not geometric:
+            flips, angles = torch.ones_like(flips), torch.zeros_like(angles)
         draws = EpochDraws(real_index=real_idx, cache_index=cache_index, labels=self.real_labels[real_idx],
                            synthetic=synthetic, loss_weights=self.loss_weights[cache_index], boxes=boxes, flips=flips,
                            angles=angles)
@@ -378,7 +441,7 @@ class TrainingData:
             without it); kept fraction λ (B,) of each image (1 without CutMix).
         """
         images = warp_images(self.cache.images.index_select(0, draws.cache_index), draws.boxes, draws.flips,
-                             draws.angles, self.image_size)
+                             draws.angles, self.image_size, self.cache.stored.index_select(0, draws.cache_index))
         if self.use_randaugment:
             images = randaugment_batch(images, draws.randaugment_seeds.tolist())
         labels, partner_labels = draws.labels, draws.labels
@@ -497,7 +560,7 @@ class FitResult:
     Attributes:
         best_state_dict: a deep copy of the model's weights at the best epoch (already loaded into the model).
         best_epoch: 0-based epoch of those weights.
-        history: the results table of SPEC (`RESULTS_COLUMNS`), one row per metric, split and epoch.
+        history: the reference's results table (`RESULTS_COLUMNS`), one row per metric, split and epoch.
         best_value: the selection metric at the best epoch (NaN without a validation split).
         timings: seconds spent decoding (`decode_seconds`), training (`train_seconds`, summed over epochs, and
             `epoch_train_seconds`, per epoch) and validating (`val_seconds`), and `train_images` drawn.
@@ -508,6 +571,18 @@ class FitResult:
     history: pd.DataFrame
     best_value: float = math.nan
     timings: dict = field(default_factory=dict)
+
+
+def make_optimizer(parameters, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
+    """The reference's optimiser: `torch.optim.Adam(lr, weight_decay)`, whose decay is an L2 term in the gradient.
+
+    Args:
+        parameters: the trainable parameters.
+        lr: learning rate.
+        weight_decay: L2 coefficient (0: plain Adam).
+        device: the parameters' device (CUDA gets the fused kernel, which computes the same update).
+    """
+    return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay, fused=torch.device(device).type == "cuda")
 
 
 def _deep_copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -528,7 +603,7 @@ def fit(model: nn.Module, train_dataset, val_dataset, *, num_epochs: int, iterat
         early_stopping_patience: int | None = None, device: torch.device | str, seed: int,
         sample_loss_weights: dict[str, float] | None = None, use_randaugment: bool | None = None,
         use_cutmix: bool = False, num_workers: int | None = None, progress: bool = True) -> FitResult:
-    """Train `model` on the few-shot split and keep its best epoch (SPEC §1 train_classifier, §3).
+    """Train `model` on the few-shot split and keep its best epoch (the reference's train_classifier.py loop).
 
     Args:
         model: maps [0, 1] images (N, 3, S, S) to logits; a `FewShotClassifier` gets its frozen backbone kept in
@@ -540,7 +615,8 @@ def fit(model: nn.Module, train_dataset, val_dataset, *, num_epochs: int, iterat
         iterations_per_epoch: batches per epoch.
         batch_size: draws per batch.
         lr: Adam learning rate.
-        weight_decay: > 0 switches to AdamW with this decay.
+        weight_decay: L2 penalty added to the gradient (`torch.optim.Adam`'s coupled weight decay, the reference's
+            filter optimiser).
         select_by: `accuracy` keeps the epoch of the highest mean per-class val accuracy, `loss` of the lowest
             mean per-class val loss (the filter's rule); ties keep the earlier epoch.
         early_stopping_patience: stop after this many epochs without improvement (None: never).
@@ -549,7 +625,8 @@ def fit(model: nn.Module, train_dataset, val_dataset, *, num_epochs: int, iterat
         sample_loss_weights: synthetic image path (str) -> loss weight (filter mode `loss`, from
             `semantic_aug.filtering.apply_filter_mode`); other images weigh 1. The batch loss is the mean of
             weight × cross-entropy.
-        use_randaugment: RandAugment after the geometric transform (None: the training dataset's setting).
+        use_randaugment: the reference's RandAugment chain (a resize, then RandAugment) in place of the crop,
+            flip and rotation (None: the training dataset's setting).
         use_cutmix: CutMix within each batch.
         num_workers: image-decoding threads.
         progress: show a progress bar.
@@ -585,8 +662,7 @@ def fit(model: nn.Module, train_dataset, val_dataset, *, num_epochs: int, iterat
     parameters = [p for p in model.parameters() if p.requires_grad]
     if not parameters:
         raise ValueError("the model has no trainable parameters")
-    optimizer_class = torch.optim.AdamW if weight_decay > 0 else torch.optim.Adam
-    optimizer = optimizer_class(parameters, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
+    optimizer = make_optimizer(parameters, lr, weight_decay, device)
     logger.info("training: %d real + %d synthetic images (synthetic_probability %.2f), %d classes, %d epochs x %d "
                 "iterations x batch %d, device %s", len(train_data.real_labels), train_data.num_synthetic_images,
                 train_data.synthetic_probability, num_classes, num_epochs, iterations_per_epoch, batch_size, device)
@@ -663,7 +739,7 @@ def evaluate(model: nn.Module, dataset, device: torch.device | str, batch_size: 
         progress: show decoding progress.
 
     Returns:
-        The test table of SPEC (`TEST_COLUMNS`): `Mean Loss`, `Mean Accuracy`, then `Loss {Class.title()}` and
+        The reference's test table (`TEST_COLUMNS`): `Mean Loss`, `Mean Accuracy`, then `Loss {Class.title()}` and
         `Accuracy {Class.title()}` per class (NaN for classes absent from the split, which the means leave out).
     """
     device = torch.device(device)
@@ -686,7 +762,7 @@ def format_list(values) -> str:
 def classifier_filename(dataset: str, seed: int, examples_per_class: int, *, strength=None, guidance_scale=None,
                         use_filter: bool = False, use_llm: bool = False, use_noise: bool = False,
                         uncommon: bool = False) -> str:
-    """`classifier_{ds}_{seed}_{epc}[_{strength}_{guidance}][_filter][_llm][_noise][_uncommon].pth` (SPEC §1).
+    """The reference's `classifier_{ds}_{seed}_{epc}[_{strength}_{guidance}][_filter][_llm][_noise][_uncommon].pth`.
 
     Args:
         strength, guidance_scale: given (lists or numbers) when synthetic images were used.

@@ -31,6 +31,10 @@ ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels become white when an im
 DISK_LIMIT_ERRNOS = (errno.EDQUOT, errno.EFBIG)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Every script's `--help`: the description as written, and each flag's default after its help."""
+
+
 class UserError(Exception):
     """A problem with the user's input (paths, flags, files), reported as one line without a traceback."""
 

@@ -147,6 +147,22 @@ def test_aggregate_writes_the_tokens_and_the_seeded_noise_file(fine_tuned, scrip
     assert noise_file.read_bytes() == before
 
 
+def test_the_reference_embed_path_command_writes_its_one_file(fine_tuned, script_module, monkeypatch):
+    """The reference's noise command: --embed-path names the file, which holds the tokens and their noisy copies."""
+    monkeypatch.chdir(fine_tuned.parent)
+    aggregate = script_module("aggregate_embeddings")
+    aggregate.main(aggregate.parse_args([
+        "--seeds", "0", "--examples-per-class", "2", "--dataset", "custom_coco", "--augment-embeddings", "True",
+        "--input-path", "./fine-tuned", "--embed-path",
+        "tokens/{dataset}-tokens/noise/{dataset}-{seed}-{examples_per_class}.pt"]))
+    noise_file = tokens_path("custom_coco", 0, 2, noise=True, root=fine_tuned.parent / "tokens")
+    noisy = load_tokens(noise_file, class_names=CUSTOM_COCO_CLASSES, embedding_dim=32)
+    assert len(noisy) == 4 * len(CUSTOM_COCO_CLASSES) and "<car_0.025>" in noisy
+    assert not tokens_path("custom_coco", 0, 2, root=fine_tuned.parent / "tokens").exists()  # the one file only
+    aggregate.main(aggregate.parse_args(aggregate_args(fine_tuned, "--embed-path", str(fine_tuned.parent / "p.pt"))))
+    assert len(load_tokens(fine_tuned.parent / "p.pt")) == len(CUSTOM_COCO_CLASSES)  # without noise: the tokens
+
+
 def test_augment_embeddings_false_means_false(fine_tuned, script_module):
     aggregate = script_module("aggregate_embeddings")
     args = aggregate.parse_args(aggregate_args(fine_tuned, "--augment-embeddings", "False"))

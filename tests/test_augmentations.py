@@ -140,13 +140,28 @@ def test_inpainting_repaints_only_the_mask(sampler):
     assert not np.array_equal(run("a photo of a car", True), run("a photo of a dog", True))
 
 
-def test_object_masks_grow_by_the_radius(sampler):
-    mask = np.zeros((64, 64), dtype=np.uint8)
-    mask[32, 32] = 1
-    grown = sampler.prepare_masks([mask], invert=False)[0, 0]
-    radius = round(sampler.mask_grow_radius * sampler.resolution / 512)  # the radius is given at 512²
-    assert grown.sum().item() == (2 * radius + 1) ** 2
-    assert sampler.prepare_masks([mask], invert=True)[0, 0].sum().item() == 64 * 64 - (2 * radius + 1) ** 2
+def reference_maximum_filter(mask: np.ndarray, size: int) -> np.ndarray:
+    """scipy.ndimage.maximum_filter(mask, size) written out: window [i - size // 2, i + size - 1 - size // 2]."""
+    before, after = size // 2, size - 1 - size // 2
+    padded = np.pad(mask, ((before, after), (before, after)))  # for a max filter 'reflect' adds nothing new
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (size, size))
+    return windows.max(axis=(2, 3))
+
+
+def test_object_masks_grow_like_the_reference_maximum_filter(sampler):
+    assert sampler.mask_grow_radius == 16  # the reference's maximum_filter(size=16) at 512²
+    window = round(sampler.mask_grow_radius * sampler.resolution / 512)
+    rng = np.random.default_rng(0)
+    mask = (rng.random((sampler.resolution, sampler.resolution)) > 0.97).astype(np.uint8)
+    mask[0, 5] = mask[-1, -1] = 1  # objects touching the border
+    grown = sampler.prepare_masks([mask], invert=False)[0, 0].cpu().numpy()
+    expected = reference_maximum_filter(mask, window)
+    assert window > 1 and expected.sum() > mask.sum()
+    assert np.array_equal(grown, expected)
+    single = np.zeros_like(mask)
+    single[32, 32] = 1
+    assert sampler.prepare_masks([single], invert=False)[0, 0].sum().item() == window ** 2
+    assert sampler.prepare_masks([single], invert=True)[0, 0].sum().item() == mask.size - window ** 2
 
 
 def test_compose_draws_members_with_their_probabilities(sampler):

@@ -194,6 +194,31 @@ def test_coco_label_is_the_largest_object(tmp_path):
     assert train.class_counts.tolist() == [1, 1]
 
 
+def test_coco_selection_advances_one_generator_class_by_class(tmp_path):
+    """The reference drew every class's permutation from one default_rng(seed), in class order."""
+    categories = [{"id": 17, "name": "cat"}, {"id": 18, "name": "dog"}]
+    (tmp_path / "train2017").mkdir()
+    (tmp_path / "annotations").mkdir()
+    images, annotations = [], []
+    for image_id in range(1, 13):  # odd ids: cats, even ids: dogs
+        images.append({"id": image_id, "file_name": f"{image_id:012d}.jpg", "width": 8, "height": 8})
+        annotations.append({"id": 100 + image_id, "image_id": image_id, "category_id": 17 if image_id % 2 else 18,
+                            "area": 4.0, "bbox": [0, 0, 2, 2], "iscrowd": 0,
+                            "segmentation": [[0, 0, 2, 0, 2, 2, 0, 2]]})
+    (tmp_path / "annotations" / "instances_train2017.json").write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    per_class = [[1, 3, 5, 7, 9, 11], [2, 4, 6, 8, 10, 12]]
+    fresh_differs = False
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        expected = [[ids[i] for i in rng.permutation(len(ids))][:2] for ids in per_class]
+        fresh = [[ids[i] for i in np.random.default_rng(seed).permutation(len(ids))][:2] for ids in per_class]
+        fresh_differs |= fresh[1] != expected[1]
+        train = COCODataset(split="train", examples_per_class=2, seed=seed, data_dir=tmp_path)
+        assert train.image_ids == expected[0] + expected[1]
+    assert fresh_differs  # a generator per class would pick other dogs
+
+
 def test_coco_missing_folder_is_an_error(tmp_path, monkeypatch):
     monkeypatch.delenv("COCO_DIR", raising=False)
     with pytest.raises(UserError, match="COCO needs its data folder"):

@@ -1,4 +1,5 @@
-"""eval_on_testset.py on a tiny saved classifier: the SPEC CSV with the right numbers, resume, one-line errors."""
+"""eval_on_testset.py on a tiny saved classifier: the reference's CSV with the right numbers, resume, one-line
+errors."""
 
 import sys
 

@@ -172,6 +172,18 @@ def test_a_killed_run_resumes_to_the_embeddings_of_an_uninterrupted_run(parts, a
         assert torch.equal(resumed[token], uninterrupted[token])
 
 
+def test_images_come_in_shuffled_epochs_of_images_times_repeats(parts, accelerator, tmp_path):
+    """The reference's DataLoader(shuffle=True) over images × repeats: each epoch shows every image `repeats` times."""
+    repeats = 5
+    trainer = make_trainer(parts, accelerator, repeats=repeats, train_batch_size=2)
+    with trainer.start(class_specs(tmp_path), seed=0) as group:
+        drawn = torch.cat([group.draw(0).image_index for _ in range(2 * 2 * repeats // 2)])  # two epochs
+    epochs = drawn.view(2, 2 * repeats)
+    for epoch in epochs:
+        assert torch.bincount(epoch, minlength=2).tolist() == [repeats, repeats]
+    assert not torch.equal(epochs[0], epochs[1])  # each epoch is shuffled afresh
+
+
 def test_a_checkpoint_from_other_settings_is_refused(parts, accelerator, tmp_path):
     make_trainer(parts, accelerator, max_train_steps=2, checkpointing_steps=1).learn(class_specs(tmp_path), seed=0)
     for name in CLASSES:

@@ -1,5 +1,5 @@
 """train_classifier.py end to end on CPU: the baseline and a Textual-Inversion + filter run on a small Custom-COCO
-layout (efficientnet_lite0 at 32 px, tiny SD), SPEC's output files, resume, and one-line errors."""
+layout (efficientnet_lite0 at 32 px, tiny SD), the reference's output files, resume, and one-line errors."""
 
 import importlib.util
 import re
@@ -87,7 +87,7 @@ def test_textual_inversion_with_filter(script_runner, data_dir, tmp_path):
         "train_classifier.py", "--data-dir", data_dir, "--method", "diagen", "--model-path", "tiny",
         "--embed-path", tokens, "--num-synthetic", "1", "--num-inference-steps", "4", "--strength", "0.5",
         "--guidance-scale", "7.5", "--synthetic-probability", "1", "--synthetic_filter", "train",
-        "--filter-mode", "loss", "--models-root", tmp_path / "models", *QUICK, cwd=tmp_path, env=SINGLE_THREAD,
+        "--filter-backbone", "efficientnet_lite0", "--filter-mode", "loss", "--models-root", tmp_path / "models", *QUICK, cwd=tmp_path, env=SINGLE_THREAD,
         check=True)
     results, _, model = run_paths(tmp_path, "diagen", "classifier_custom_coco_0_1_[0.5]_[7.5]_filter.pth")
     assert results.is_file() and model.is_file()
@@ -98,6 +98,48 @@ def test_textual_inversion_with_filter(script_runner, data_dir, tmp_path):
     assert all(Image.open(tmp_path / path).size == (32, 24) for path in manifest["path"])
     assert (tmp_path / "models" / "filter_custom_coco_0_1.pth").is_file()
     assert f"{len(CUSTOM_COCO_CLASSES)} real + {len(CUSTOM_COCO_CLASSES)} synthetic images" in result.stderr
+
+
+def test_the_readme_steps_find_the_filter_with_default_models_roots(script_runner, data_dir, tmp_path):
+    """train_filter.py then train_classifier.py --synthetic_filter use, neither given --models-root."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = tmp_path / "tokens.pt"
+    save_tokens({token_name(name): torch.randn(32, generator=generator) for name in CUSTOM_COCO_CLASSES}, tokens)
+    script_runner("train_filter.py", "--data-dir", data_dir, "--seeds", "0", "--examples-per-class", "1",
+                  "--classifier-backbone", "efficientnet_lite0", "--image-size", "32", "--iterations-per-epoch", "1",
+                  "--max-epochs", "1", "--batch-size", "8", "--temperature-iterations", "1", cwd=tmp_path,
+                  env=SINGLE_THREAD, check=True)
+    script_runner("train_classifier.py", "--data-dir", data_dir, "--method", "diagen", "--model-path", "tiny",
+                  "--embed-path", tokens, "--num-synthetic", "1", "--num-inference-steps", "2",
+                  "--synthetic_filter", "use", *QUICK, cwd=tmp_path, env=SINGLE_THREAD, check=True)
+    manifest = pd.read_csv(tmp_path / "RESULTS" / "custom_coco_1epc" / "diagen" / "synthetics_seed_0" / "manifest.csv")
+    assert manifest["filter_id"].str.startswith("filter_custom_coco_0_1.pth@").all()
+
+
+@pytest.mark.parametrize("missing", ["filter", "second run's tokens", "prompt class"])
+def test_every_input_is_checked_before_the_first_image(script_runner, data_dir, tmp_path, missing):
+    """Tokens of every run, the prompt CSV and the filters are read before any image is generated."""
+    generator = torch.Generator().manual_seed(0)
+    for seed in (0, 1):
+        if not (missing == "second run's tokens" and seed == 1):
+            save_tokens({token_name(name): torch.randn(32, generator=generator) for name in CUSTOM_COCO_CLASSES},
+                        tmp_path / f"tokens-{seed}.pt")
+    classes = CUSTOM_COCO_CLASSES[:-1] if missing == "prompt class" else CUSTOM_COCO_CLASSES
+    (tmp_path / "prompts.csv").write_text("class_name;class_idx;prompt\n" + "".join(
+        f"{name};1;a photo of a {{name}} outside\n" for name in classes))
+    if missing != "filter":
+        for seed in (0, 1):  # any file will do: only its existence is checked up front
+            (tmp_path / "models").mkdir(exist_ok=True)
+            (tmp_path / "models" / f"filter_custom_coco_{seed}_1.pth").write_bytes(b"")
+    result = script_runner(
+        "train_classifier.py", "--data-dir", data_dir, "--method", "diagen", "--model-path", "tiny",
+        "--embed-path", tmp_path / "tokens-{seed}.pt", "--num-synthetic", "1", "--num-inference-steps", "2",
+        "--use-generated-prompts", "1", "--prompt-path", tmp_path / "prompts.csv", "--synthetic_filter", "use",
+        *QUICK, "--seeds", "0", "1", cwd=tmp_path, env=SINGLE_THREAD)
+    expected = {"filter": "no trained filter at models/filter_custom_coco_0_1.pth",
+                "second run's tokens": "tokens-1.pt", "prompt class": "has no prompts for class(es) wine_glass"}
+    assert result.returncode == 2 and expected[missing] in result.stderr.strip().splitlines()[-1]
+    assert not list(tmp_path.glob("RESULTS/**/*.png"))  # nothing generated
 
 
 def test_errors_are_one_line(script_runner, tmp_path):

@@ -1,6 +1,6 @@
-"""Several augmentations at once (SPEC §2): `ComposeParallel` makes each image with one of them, drawn with
-`probs`; `ComposeSequential` applies each in turn with its own probability. Draws come from the image's seed,
-so a composed synthetic set is planned, resumed and sharded like a single augmentation's."""
+"""Several augmentations at once, as the reference composed them: `ComposeParallel` makes each image with one of
+them, drawn with `probs`; `ComposeSequential` applies each in turn with its own probability. Draws come from the
+image's seed, so a composed synthetic set is planned, resumed and sharded like a single augmentation's."""
 
 from __future__ import annotations
 

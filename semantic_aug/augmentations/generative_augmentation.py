@@ -1,4 +1,5 @@
-"""The base of the generative augmentations (SPEC §2) and the prompted img2img augmentation they share.
+"""The base of the generative augmentations (the reference's `GenerativeAugmentation`) and the prompted img2img
+augmentation they share.
 
 A generative augmentation turns a real image of a class into a synthetic one. It is split in two so that a
 whole synthetic set can be planned before any image is made (which makes generation resumable, shardable over

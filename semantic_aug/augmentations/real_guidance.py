@@ -1,4 +1,4 @@
-"""`RealGuidance`: img2img whose prompt names the class in plain words (DA-Fusion's baseline, SPEC §2)."""
+"""`RealGuidance`: img2img whose prompt names the class in plain words (DA-Fusion's baseline)."""
 
 from __future__ import annotations
 

@@ -46,8 +46,9 @@ from semantic_aug.utils import UserError
 logger = logging.getLogger(__name__)
 
 REFERENCE_RESOLUTION = 512  # SD v1's side; `mask_grow_radius` is given in pixels at this side
-REFERENCE_MAX_FILTER_SIZE = 16  # the reference grew COCO object masks with a 16-pixel max filter at 512²...
-DEFAULT_MASK_GROW_RADIUS = REFERENCE_MAX_FILTER_SIZE // 2  # ...which moves the mask's edge out by 8 pixels
+# the reference grew COCO object masks with scipy's `maximum_filter(size=16)` at 512²: a 16-pixel window reaching
+# 8 pixels up/left and 7 down/right of each pixel; `mask_grow_radius` keeps the reference's name for that size
+DEFAULT_MASK_GROW_RADIUS = 16
 VAE_DECODE_CHUNK = 8  # images per VAE decode call: a 512² decode holds ~0.5 GB of bf16 activations per image
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DEFAULT_COMPILE_MODE = "default"  # max-autotune spent >8 min autotuning SD v1.4 GEMMs on an H100
@@ -118,7 +119,8 @@ class DiffusionSampler:
         model_id: names the weights in cache fingerprints (hub id or resolved folder).
         num_inference_steps: the scheduler's full step count; img2img runs the last `strength` fraction of it.
         resolution: the side images are generated at; None uses the model's native side (512 SD, 64 tiny).
-        mask_grow_radius: pixels (at 512²) by which object masks are grown before inpainting.
+        mask_grow_radius: side in pixels (at 512²) of the max-filter window that grows object masks before
+            inpainting (the reference's `maximum_filter(size=mask_grow_radius)`).
         compile_model: `torch.compile` the UNet and the VAE decoder (worth it for long runs on a GPU).
         compile_mode: a `torch.compile` mode (`COMPILE_MODES`).
         attention_backend: `auto`, the SDPA kernel to prefer, or `flash4` (FlashAttention-4 for the UNet's
@@ -301,13 +303,14 @@ class DiffusionSampler:
 
     def prepare_masks(self, masks: Sequence[np.ndarray], invert: bool) -> torch.Tensor:
         """Object masks (H×W, nonzero = object) as (N, 1, side, side) floats: 1 = repaint, grown and maybe inverted."""
-        radius = round(self.mask_grow_radius * self.resolution / REFERENCE_RESOLUTION)
+        window = round(self.mask_grow_radius * self.resolution / REFERENCE_RESOLUTION)
         prepared = []
         for mask in masks:
             mask = self._to_device(torch.from_numpy(np.asarray(mask) > 0)).float()[None, None]
             mask = F.interpolate(mask, size=(self.resolution, self.resolution), mode="nearest")
-            if radius > 0:
-                mask = F.max_pool2d(mask, kernel_size=2 * radius + 1, stride=1, padding=radius)
+            if window > 1:  # scipy's window for an even size: window // 2 before the pixel, the rest after it
+                before, after = window // 2, window - 1 - window // 2
+                mask = F.max_pool2d(F.pad(mask, (before, after, before, after)), kernel_size=window, stride=1)
             prepared.append(1.0 - mask if invert else mask)
         return torch.cat(prepared)
 

@@ -51,7 +51,7 @@ def noisy_tokens(tokens: Iterable[str], class_name: str, class_names: Sequence[s
 
 @register_augmentation
 class TextualInversion(PromptedAugmentation):
-    """Img2img with the learned class token `<class_>` in the prompt (SPEC §2).
+    """Img2img with the learned class token `<class_>` in the prompt (DA-Fusion's augmentation).
 
     Every token of the file is added to the text encoder. With `use_embedding_noise`, each class cycles through
     its original and noisy tokens (`[<c>, <c_0.005>, <c_0.01>, <c_0.025>]`), one per synthetic image.

@@ -81,9 +81,10 @@ class COCODataset(FewShotDataset):
             per_class[label_of_category[largest[image_id][0]]].append(image_id)
 
         self.image_ids, self.image_labels, self.annotation_ids = [], [], []
+        rng = np.random.default_rng(seed)  # one generator, advanced class by class, as the reference
         for label, image_ids in enumerate(per_class):
             if split != "test":
-                image_ids = [image_ids[i] for i in np.random.default_rng(seed).permutation(len(image_ids))]
+                image_ids = [image_ids[i] for i in rng.permutation(len(image_ids))]
                 if split == "train":
                     if examples_per_class is not None and examples_per_class > len(image_ids):
                         raise UserError(f"examples_per_class={examples_per_class} but COCO class "
