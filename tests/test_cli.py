@@ -85,7 +85,9 @@ def readme_commands() -> list[str]:
     """Each `python ...` command in the README's code blocks, continuation lines joined, comments dropped."""
     text = (REPO_ROOT / "README.md").read_text()
     commands = []
-    for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, flags=re.S):
+    for language, block in re.findall(r"```(\w*)\n(.*?)```", text, flags=re.S):
+        if language not in ("", "bash", "sh"):
+            continue
         joined = re.sub(r"\\\n\s*", " ", block)
         for line in joined.splitlines():
             words = shlex.split(line, comments=True)

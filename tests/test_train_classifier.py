@@ -201,7 +201,8 @@ def test_methods_with_identical_generation_settings_share_one_set(script_runner,
     script_runner("train_classifier.py", *generation, "--method", "da_fusion", "--guidance-scale", "7.5",
                   cwd=tmp_path, env=SINGLE_THREAD, check=True)
     shared = script_runner("train_classifier.py", *generation, "--method", "da_fusion_filter", "--guidance-scale", "7.5",
-                           "--synthetic_filter", "train", "--models-root", tmp_path / "models",
+                           "--synthetic_filter", "train", "--filter-backbone", "efficientnet_lite0",
+                           "--models-root", tmp_path / "models",
                            cwd=tmp_path, env=SINGLE_THREAD, check=True)
     first, second = synthetic_files("da_fusion"), synthetic_files("da_fusion_filter")
     assert len(first) == len(CUSTOM_COCO_CLASSES) and first.keys() == second.keys()
