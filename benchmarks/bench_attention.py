@@ -13,23 +13,20 @@ checked too. (The guidance prefix runs one 64² self-attention on half the rows;
 First it measures the rate of the exponential unit, one and two 16-bit values per instruction, which bounds
 any softmax: a 64² self-attention layer takes 4096² x 8 heads x rows exponentials.
 
-    python benchmarks/bench_attention.py [--images 32] [--repeats 20] [--backends cudnn,flash,efficient,math]
+From the checkout's root, with the package installed (`make setup`) or `PYTHONPATH=.` in front:
+    python -m benchmarks.bench_attention [--images 32] [--repeats 20] [--backends cudnn,flash,efficient,math]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from benchmarks.cuda_timing import cuda_time  # noqa: E402
-from semantic_aug.augmentations.sampler import _sdpa_backends  # noqa: E402
-from semantic_aug.utils import UserError, run_cli  # noqa: E402
+from benchmarks.cuda_timing import cuda_time
+from semantic_aug.augmentations.sampler import _sdpa_backends
+from semantic_aug.utils import UserError, run_cli
 
 HEADS, TEXT_TOKENS = 8, 77
 SHAPES = [  # (name, query tokens, head dim, layers per UNet call)

@@ -10,8 +10,9 @@ runs the same model step on one fixed batch with no data path: the gap to `stead
 
 Random weights (`pretrained=False`) keep it offline; speed does not depend on them.
 
-    python benchmarks/bench_classifier.py                     # the H100 figures (about a minute)
-    python benchmarks/bench_classifier.py --device cpu --backbone efficientnet_lite0 --num-classes 3 \\
+From the checkout's root, with the package installed (`make setup`) or `PYTHONPATH=.` in front:
+    python -m benchmarks.bench_classifier                     # the logged figures (about a minute on a GPU)
+    python -m benchmarks.bench_classifier --device cpu --backbone efficientnet_lite0 --num-classes 3 \\
         --real-per-class 2 --num-synthetic 2 --image-size 64 --batch-size 8 --iterations-per-epoch 2   # smoke test
 """
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,12 +30,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from semantic_aug.classifiers import FewShotClassifier, list_backbones  # noqa: E402
-from semantic_aug.few_shot_dataset import FolderFewShotDataset  # noqa: E402
-from semantic_aug.training import autocast, default_num_workers, fit, to_model_layout  # noqa: E402
-from semantic_aug.utils import pick_device, run_cli  # noqa: E402
+from semantic_aug.classifiers import FewShotClassifier, list_backbones
+from semantic_aug.few_shot_dataset import FolderFewShotDataset
+from semantic_aug.training import autocast, default_num_workers, fit, to_model_layout
+from semantic_aug.utils import pick_device, run_cli
 
 MODES = ("probe", "finetune")
 NOISE_SIDE = 16  # random pixels per side, upsampled: smooth pictures that compress like photos, not like noise

@@ -11,10 +11,11 @@ Both make img2img variations of real photos (640×480) on the real SD v1.4 archi
       ATTENTION  auto (PyTorch's choice) | flash | cudnn | efficient | best (the fastest eager one so far)
     A warm-up run (compilation included, reported) precedes the timed run of --timed-batches batches.
 
-Run on the H100 (about 4-5 minutes):
-    python benchmarks/bench_generation.py
+From the checkout's root, with the package installed (`make setup`) or `PYTHONPATH=.` in front; on a GPU
+(about 4-5 minutes):
+    python -m benchmarks.bench_generation
 CPU smoke test (seconds of work, meaningless speeds):
-    python benchmarks/bench_generation.py --model tiny --device cpu --dtype fp32 --ref-images 1 --batch-size 4 \\
+    python -m benchmarks.bench_generation --model tiny --device cpu --dtype fp32 --ref-images 1 --batch-size 4 \\
         --timed-batches 1 --num-synthetic 2 --num-inference-steps 10 --configs eager:auto
 """
 
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,15 +33,13 @@ import torch
 from PIL import Image
 from transformers import CLIPTextConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from semantic_aug.augmentations.sampler import ATTENTION_BACKENDS, COMPILE_MODES, DEFAULT_COMPILE_MODE  # noqa: E402
-from semantic_aug.embeddings import add_tokens_to_text_encoder, load_tokens, save_tokens, token_name  # noqa: E402
-from semantic_aug.few_shot_dataset import FolderFewShotDataset  # noqa: E402
-from semantic_aug.stable_diffusion import (load_stable_diffusion, random_sd_v1_folder,  # noqa: E402
+from semantic_aug.augmentations.sampler import ATTENTION_BACKENDS, COMPILE_MODES, DEFAULT_COMPILE_MODE
+from semantic_aug.embeddings import add_tokens_to_text_encoder, load_tokens, save_tokens, token_name
+from semantic_aug.few_shot_dataset import FolderFewShotDataset
+from semantic_aug.stable_diffusion import (load_stable_diffusion, random_sd_v1_folder,
                                            resolve_model_path)
-from semantic_aug.synthetic import DTYPES, build_augmentation, generate_synthetic_images  # noqa: E402
-from semantic_aug.utils import pick_device, run_cli  # noqa: E402
+from semantic_aug.synthetic import DTYPES, build_augmentation, generate_synthetic_images
+from semantic_aug.utils import pick_device, run_cli
 
 RANDOM_SD = "sd-v1-random"  # --model name of the random-weight SD v1.4 architecture
 REAL_IMAGE_SIZE = (640, 480)  # (width, height) of a typical COCO photo

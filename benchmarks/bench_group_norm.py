@@ -4,24 +4,22 @@ the fused Triton kernels of `semantic_aug.fused_group_norm`, against the memory 
 With `--sweep` it also times a grid of kernel configurations (tile size, warps, tiles per program) and prints the
 best one per shape and overall; `--best-out FILE` writes the overall best as `tile,warps,stats_tiles,normalize_tiles`.
 
-    python benchmarks/bench_group_norm.py [--sweep] [--best-out best.txt]
+From the checkout's root, with the package installed (`make setup`) or `PYTHONPATH=.` in front:
+    python -m benchmarks.bench_group_norm [--sweep] [--best-out best.txt]
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from benchmarks.cuda_timing import cuda_time  # noqa: E402
-from semantic_aug import fused_group_norm  # noqa: E402
-from semantic_aug.utils import UserError, run_cli  # noqa: E402
+from benchmarks.cuda_timing import cuda_time
+from semantic_aug import fused_group_norm
+from semantic_aug.utils import UserError, run_cli
 
 SHAPES = [  # (batch, channels, side): the UNet at 32 images (x2 for guidance), the VAE decoder at 8 images
     (64, 320, 64), (64, 640, 64), (64, 960, 64), (64, 640, 32), (64, 1920, 32), (64, 1280, 16), (64, 2560, 8),

@@ -15,8 +15,9 @@ For each it prints samples/s, and projects the wall time of the stage the paper 
 × 4 samples (plus, for the fast path, the one-time latent caching). The model is Stable Diffusion v1.4's
 architecture with random weights (`build_random_sd_v1`): speed does not depend on the weight values.
 
-    python benchmarks/bench_textual_inversion.py                     # H100: about 2-3 minutes
-    python benchmarks/bench_textual_inversion.py --model tiny --steps 2   # CPU smoke test
+From the checkout's root, with the package installed (`make setup`) or `PYTHONPATH=.` in front:
+    python -m benchmarks.bench_textual_inversion                     # a GPU: about 2-3 minutes
+    python -m benchmarks.bench_textual_inversion --model tiny --steps 2   # CPU smoke test
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import copy
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,8 +36,6 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from semantic_aug.datasets import create_dataset  # noqa: E402
 from semantic_aug.embeddings import class_folder_name  # noqa: E402

@@ -3,24 +3,21 @@ float32 PyTorch as closely as plain bf16 PyTorch does. The speed-ups are the fus
 and the guidance prefix computed once for both halves (UNet, on guidance-paired rows). The CPU tests check the
 kernels through Triton's interpreter; this runs the compiled kernels at full size, in bf16.
 
-    python benchmarks/check_fused_kernels.py
+From the checkout's root, with the package installed (`make setup`) or `PYTHONPATH=.` in front:
+    python -m benchmarks.check_fused_kernels
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from semantic_aug.fused_group_norm import fuse_group_norms  # noqa: E402
-from semantic_aug.guidance_prefix import paired_halves, share_guidance_prefix  # noqa: E402
-from semantic_aug.stable_diffusion import build_random_sd_v1  # noqa: E402
-from semantic_aug.utils import UserError, run_cli  # noqa: E402
+from semantic_aug.fused_group_norm import fuse_group_norms
+from semantic_aug.guidance_prefix import paired_halves, share_guidance_prefix
+from semantic_aug.stable_diffusion import build_random_sd_v1
+from semantic_aug.utils import UserError, run_cli
 
 ALLOWED_RATIO = 1.5  # the fused bf16 error may exceed plain bf16's by at most this factor
 

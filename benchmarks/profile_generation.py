@@ -14,30 +14,27 @@ Prints, in one run (about 6-8 minutes on an H100):
      decode on a second CUDA stream beside the calls (would moving the decode off the UNet's stream pay?), and
      the decode in chunks of 8 against one chunk of the whole batch.
 
-    python benchmarks/profile_generation.py [--images 32] [--variants eager,compile]
+From the checkout's root, with the package installed (`make setup`) or `PYTHONPATH=.` in front:
+    python -m benchmarks.profile_generation [--images 32] [--variants eager,compile]
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-import sys
 import time
 from collections import defaultdict
 from unittest import mock
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from benchmarks.bench_attention import sdpa_backends  # noqa: E402
-from benchmarks.cuda_timing import cuda_time  # noqa: E402
-from semantic_aug.augmentations import sampler as sampler_module  # noqa: E402
-from semantic_aug.augmentations.sampler import DiffusionSampler  # noqa: E402
-from semantic_aug.guidance_prefix import paired_halves  # noqa: E402
-from semantic_aug.stable_diffusion import random_sd_v1_folder  # noqa: E402
-from semantic_aug.utils import UserError, run_cli  # noqa: E402
+from benchmarks.bench_attention import sdpa_backends
+from benchmarks.cuda_timing import cuda_time
+from semantic_aug.augmentations import sampler as sampler_module
+from semantic_aug.augmentations.sampler import DiffusionSampler
+from semantic_aug.guidance_prefix import paired_halves
+from semantic_aug.stable_diffusion import random_sd_v1_folder
+from semantic_aug.utils import UserError, run_cli
 
 STEPS, STRENGTH, GUIDANCE = 50, 0.7, 15.0
 VARIANTS = {  # name -> (compile_model, compile_mode, channels_last, extra inductor options, guidance prefix once)

@@ -35,7 +35,7 @@ except ImportError:  # CPU-only installs: the PyTorch path below is used
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton reads this once too, when kernels are defined
 # Launch configuration: the best over the UNet's and VAE's shapes on an H100 (benchmarks/bench_group_norm.py --sweep,
-# log in benchmarks/results/bench_group_norm_h100_sweep.log): 3.95 ms for all ten shapes against 5.23 ms before.
+# log in benchmarks/results/bench_group_norm.log): 3.95 ms for all ten shapes against 5.23 ms before.
 TILE_ELEMENTS = 16384  # elements of one [pixels, channels] tile a program holds
 NUM_WARPS = 4
 STATS_TILES = 4  # tiles one statistics program sums

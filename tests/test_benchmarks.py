@@ -1,0 +1,78 @@
+"""The benchmarks are a tidy part: each script runs as `python -m benchmarks.<name>` with the package as installed
+(no `sys.path` edits, no PYTHONPATH), and every log in `benchmarks/results/` belongs to a script of the tree and
+starts with the commit that recorded it, the GPU, the software versions and the command."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+MODULES = sorted(path for path in BENCHMARKS.glob("*.py") if path.name != "__init__.py")
+SCRIPTS = sorted(path.stem for path in MODULES if 'if __name__ == "__main__":' in path.read_text())
+LOGS = sorted((BENCHMARKS / "results").glob("*.log"))
+
+# What the `#` lines at the top of a log must say, wherever they say it: `# commit: <sha> ...` (bench_run.py writes
+# `# bench_run: commit <sha>, <GPU>, torch ...` on one line), the card, the torch version and the command.
+HEADER_FIELDS = {
+    "commit": re.compile(r"\bcommit:? ([0-9a-f]{7,40})\b"),
+    "GPU": re.compile(r"\b(NVIDIA|H100|H200|A100|L40S|RTX)\b"),
+    "versions": re.compile(r"\btorch \d+\.\d+"),
+    "command": re.compile(r"^# command: (\S.*)$", re.MULTILINE),
+}
+
+
+def header_of(log: Path) -> str:
+    lines = log.read_text().splitlines()
+    header = []
+    for line in lines:
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    return "\n".join(header)
+
+
+def test_the_benchmarks_are_found():
+    assert {"bench_generation", "bench_attention", "bench_classifier", "bench_group_norm", "bench_textual_inversion",
+            "check_fused_kernels", "profile_generation"} <= set(SCRIPTS)
+    assert "cuda_timing" not in SCRIPTS  # a shared helper, no CLI
+    assert LOGS, "benchmarks/results holds no log"
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda path: path.name)
+def test_no_sys_path_edits(module):
+    """Scripts import the package as installed; a `sys.path` edit would hide a broken install or layout."""
+    assert "sys.path" not in module.read_text(), f"{module.name} edits sys.path"
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_script_runs_as_a_module(name):
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--help"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("usage:"), result.stdout[:200]
+
+
+@pytest.mark.parametrize("log", LOGS, ids=lambda path: path.name)
+def test_log_header(log):
+    header = header_of(log)
+    for field, pattern in HEADER_FIELDS.items():
+        assert pattern.search(header), f"{log.name}: its leading # lines give no {field}:\n{header}"
+    command = HEADER_FIELDS["command"].search(header).group(1)
+    assert log.stem in command, f"{log.name}: the command does not run {log.stem}: {command}"
+    # one log per benchmark of the tree, named after it: logs of removed code have no script here
+    assert log.stem in SCRIPTS, f"{log.name} belongs to no script in benchmarks/"
+
+
+@pytest.mark.parametrize("log", LOGS, ids=lambda path: path.name)
+def test_log_commit_is_in_the_history(log):
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    sha = HEADER_FIELDS["commit"].search(header_of(log)).group(1)
+    result = subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{sha}^{{commit}}"], capture_output=True)
+    assert result.returncode == 0, f"{log.name}: commit {sha} is not in this repository's history"
