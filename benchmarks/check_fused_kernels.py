@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from semantic_aug.fused_group_norm import fuse_group_norms  # noqa: E402
-from semantic_aug.guidance_prefix import paired_halves, share_guidance_prefix  # noqa: E402
+from semantic_aug.acceleration.fused_group_norm import fuse_group_norms  # noqa: E402
+from semantic_aug.acceleration.guidance_prefix import paired_halves, share_guidance_prefix  # noqa: E402
 from semantic_aug.stable_diffusion import build_random_sd_v1  # noqa: E402
 from semantic_aug.utils import UserError, run_cli  # noqa: E402
 
