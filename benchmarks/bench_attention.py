@@ -129,7 +129,8 @@ def flash_attention4_checked(name: str, run, reference, repeats: int) -> float:
 
 
 def flash_attention4_time(q, k, v, reference, repeats: int) -> dict[str, float]:
-    """Milliseconds of FlashAttention-4 (`semantic_aug.acceleration.flash_attention4`, optional) on the same views, checked."""
+    """Milliseconds of FlashAttention-4 (`semantic_aug.acceleration.flash_attention4`, optional) on the same views,
+    checked."""
     from semantic_aug.acceleration.flash_attention4 import flash_attention4
 
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [rows, tokens, heads, d] views, as the processor passes them

@@ -35,7 +35,8 @@ from transformers import CLIPTextConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from semantic_aug.acceleration import ATTENTION_BACKENDS, COMPILE_MODES, DEFAULT_COMPILE_MODE, Acceleration  # noqa: E402
+from semantic_aug.acceleration import (ATTENTION_BACKENDS, COMPILE_MODES, DEFAULT_COMPILE_MODE,  # noqa: E402
+                                       Acceleration)
 from semantic_aug.embeddings import add_tokens_to_text_encoder, load_tokens, save_tokens, token_name  # noqa: E402
 from semantic_aug.few_shot_dataset import FolderFewShotDataset  # noqa: E402
 from semantic_aug.stable_diffusion import (load_stable_diffusion, random_sd_v1_folder,  # noqa: E402

@@ -173,7 +173,7 @@ class AcceleratedRunner(ReferenceRunner):
         self.unet_call, self.decode_call = self.unet_forward, self.vae_decode
         cudagraphs = False
         if acceleration.compile:
-            import torch._inductor as inductor  # binds `inductor` only: `import torch._inductor` would shadow `torch` here
+            import torch._inductor as inductor  # `import torch._inductor` would shadow the name `torch` here
 
             options = {**inductor.list_mode_options(acceleration.compile_mode), **INDUCTOR_OPTIONS,
                        **acceleration.inductor_options}

@@ -207,7 +207,7 @@ class DiffusionSampler:
 
     def timesteps_for(self, strength: float) -> torch.Tensor:
         """Set the scheduler up for img2img at `strength` and return the timesteps to run (diffusers' convention),
-        on the CPU (the caller copies them to the device without waiting for the GPU)."""
+        on the CPU (the caller moves them to the device)."""
         self.scheduler.set_timesteps(self.num_inference_steps)
         init_steps = min(int(self.num_inference_steps * strength), self.num_inference_steps)
         if init_steps < 1:
