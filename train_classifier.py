@@ -314,8 +314,11 @@ def compile_generation(args: argparse.Namespace, device: torch.device) -> bool:
 
 def generate_synthetic(args: argparse.Namespace, run: Run, train_dataset, device: torch.device, accelerator):
     """`--num-synthetic` images per real training image (cached in the run's synthetic folder); returns the manifest."""
+    from semantic_aug.acceleration import Acceleration
     from semantic_aug.synthetic import build_augmentation, generate_synthetic_images
 
+    acceleration = Acceleration(compile=compile_generation(args, device))
+    acceleration.configure_process(device)  # cuDNN autotuning on a GPU, for this process
     augmentation = build_augmentation(
         args.aug, model_path=args.model_path, embed_path=run.embed_path, dataset_name=args.dataset,
         class_names=train_dataset.class_names, prompt=args.prompt, strength=args.strength,
@@ -323,7 +326,7 @@ def generate_synthetic(args: argparse.Namespace, run: Run, train_dataset, device
         compose=args.compose, use_embedding_noise=args.use_embedding_noise,
         use_generated_prompts=args.use_generated_prompts, prompt_path=args.prompt_path, device=device,
         dtype=generation_dtype(args.generation_dtype, device), erasure_ckpt_path=args.erasure_ckpt_path,
-        num_inference_steps=args.num_inference_steps, compile_model=compile_generation(args, device))
+        num_inference_steps=args.num_inference_steps, acceleration=acceleration)
     manifest = generate_synthetic_images(train_dataset, augmentation, args.num_synthetic, run.synthetic_dir, run.seed,
                                          batch_size=args.generation_batch_size, accelerator=accelerator,
                                          overwrite=args.overwrite_synthetic, shared_dirs=sibling_synthetic_dirs(args, run))

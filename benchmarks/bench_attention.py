@@ -8,7 +8,7 @@ in the sampler (`fuse_qkv_projections`), and the output is written in the token-
 layer reads. For each shape the script prints the time per layer of every SDPA backend and of every plan the
 cuDNN frontend (`nvidia-cudnn-frontend`, optional) builds, checked against PyTorch's output, and at the end the
 per-call attention time of PyTorch's cuDNN choice against the fastest kernel per shape. Where `flash-attn-4`
-is installed, its kernel (`semantic_aug.flash_attention4`, the sampler's `flash4` backend) is timed and
+is installed, its kernel (`semantic_aug.acceleration.flash_attention4`, the sampler's `flash4` backend) is timed and
 checked too. (The guidance prefix runs one 64² self-attention on half the rows; the totals count it in full.)
 First it measures the rate of the exponential unit, one and two 16-bit values per instruction, which bounds
 any softmax: a 64² self-attention layer takes 4096² x 8 heads x rows exponentials.
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.cuda_timing import cuda_time
-from semantic_aug.augmentations.sampler import _sdpa_backends
+from semantic_aug.acceleration import sdpa_backends_by_name
 from semantic_aug.utils import UserError, run_cli
 
 HEADS, TEXT_TOKENS = 8, 77
@@ -105,7 +105,7 @@ def sdpa_backends(q, k, v, backends, repeats: int) -> dict[str, float]:
     """Milliseconds of `scaled_dot_product_attention(q, k, v)` on each named SDPA backend that can run it."""
     from torch.nn.attention import sdpa_kernel
 
-    kinds = _sdpa_backends()
+    kinds = sdpa_backends_by_name()
     times = {}
     for name in backends:
         try:
@@ -126,8 +126,9 @@ def flash_attention4_checked(name: str, run, reference, repeats: int) -> float:
 
 
 def flash_attention4_time(q, k, v, reference, repeats: int) -> dict[str, float]:
-    """Milliseconds of FlashAttention-4 (`semantic_aug.flash_attention4`, optional) on the same views, checked."""
-    from semantic_aug.flash_attention4 import flash_attention4
+    """Milliseconds of FlashAttention-4 (`semantic_aug.acceleration.flash_attention4`, optional) on the same views,
+    checked."""
+    from semantic_aug.acceleration.flash_attention4 import flash_attention4
 
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [rows, tokens, heads, d] views, as the processor passes them
     return {"flash-attn-4": flash_attention4_checked("flash-attn-4", lambda: flash_attention4(q, k, v), reference,

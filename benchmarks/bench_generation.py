@@ -33,7 +33,8 @@ import torch
 from PIL import Image
 from transformers import CLIPTextConfig
 
-from semantic_aug.augmentations.sampler import ATTENTION_BACKENDS, COMPILE_MODES, DEFAULT_COMPILE_MODE
+from semantic_aug.acceleration import (ATTENTION_BACKENDS, COMPILE_MODES, DEFAULT_COMPILE_MODE,
+                                       Acceleration)
 from semantic_aug.embeddings import add_tokens_to_text_encoder, load_tokens, save_tokens, token_name
 from semantic_aug.few_shot_dataset import FolderFewShotDataset
 from semantic_aug.stable_diffusion import (load_stable_diffusion, random_sd_v1_folder,
@@ -150,11 +151,13 @@ def time_reference(args, model_path: str, tokens_path: Path, dataset: BenchDatas
 def time_config(args, mode: str, attention: str, model_path: str, tokens_path: Path, warmup: BenchDataset,
                 timed: BenchDataset, out: Path, device: torch.device) -> float:
     """(b) Our generator under one config: a warm-up run, then `--timed-batches` batches timed end to end."""
+    acceleration = Acceleration(compile=mode == "compile", compile_mode=args.compile_mode, attention=attention)
+    acceleration.configure_process(device)  # after the reference pattern ran, as train_classifier.py sets it
     augmentation = build_augmentation(
         ["textual-inversion"], model_path=model_path, embed_path=tokens_path, dataset_name="bench",
         class_names=CLASSES, prompt=PROMPT, strength=args.strength, guidance_scale=args.guidance_scale,
         device=device, dtype=args.dtype, num_inference_steps=args.num_inference_steps,
-        compile_model=mode == "compile", compile_mode=args.compile_mode, attention_backend=attention)
+        acceleration=acceleration)
     start = time.perf_counter()
     generate_synthetic_images(warmup, augmentation, args.num_synthetic, out / "warmup", seed=0,
                               batch_size=args.batch_size, progress=False)

@@ -1,5 +1,6 @@
 """GroupNorm + SiLU on channels_last bf16 tensors of the UNet's and VAE's shapes: PyTorch eager, torch.compile and
-the fused Triton kernels of `semantic_aug.fused_group_norm`, against the memory floor (two reads, one write).
+the fused Triton kernels of `semantic_aug.acceleration.fused_group_norm`, against the memory floor (two reads, one
+write).
 
 With `--sweep` it also times a grid of kernel configurations (tile size, warps, tiles per program) and prints the
 best one per shape and overall; `--best-out FILE` writes the overall best as `tile,warps,stats_tiles,normalize_tiles`.
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.cuda_timing import cuda_time
-from semantic_aug import fused_group_norm
+from semantic_aug.acceleration.fused_group_norm import run_kernels
 from semantic_aug.utils import UserError, run_cli
 
 SHAPES = [  # (batch, channels, side): the UNet at 32 images (x2 for guidance), the VAE decoder at 8 images
@@ -55,7 +56,7 @@ def main(args: argparse.Namespace) -> None:
             weight, bias = (torch.randn(channels, device="cuda", dtype=torch.bfloat16) for _ in range(2))
             eager = lambda: F.silu(F.group_norm(x, 32, weight, bias, 1e-6))  # noqa: E731
             compiled = torch.compile(lambda t: F.silu(F.group_norm(t, 32, weight, bias, 1e-6)), dynamic=False)
-            fused = lambda **config: fused_group_norm._launch(x, weight, bias, None, 32, 1e-6, True, **config)  # noqa: E731
+            fused = lambda **config: run_kernels(x, weight, bias, None, 32, 1e-6, True, **config)  # noqa: E731
             reference = F.silu(F.group_norm(x.double(), 32, weight.double(), bias.double(), 1e-6))
             error = ((fused().double() - reference).norm() / reference.norm()).item()
             floor = 3 * x.numel() * 2 / bandwidth / 1e9

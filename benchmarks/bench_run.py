@@ -40,7 +40,6 @@ from pathlib import Path
 
 import torch
 
-from semantic_aug.classifiers import create_backbone
 from semantic_aug.stable_diffusion import random_sd_v1_folder, resolve_model_path
 from semantic_aug.utils import run_cli
 

@@ -14,8 +14,8 @@ import copy
 
 import torch
 
-from semantic_aug.fused_group_norm import fuse_group_norms
-from semantic_aug.guidance_prefix import paired_halves, share_guidance_prefix
+from semantic_aug.acceleration.fused_group_norm import fuse_group_norms
+from semantic_aug.acceleration.guidance_prefix import paired_halves, share_guidance_prefix
 from semantic_aug.stable_diffusion import build_random_sd_v1
 from semantic_aug.utils import UserError, run_cli
 

@@ -24,41 +24,30 @@ import argparse
 import re
 import time
 from collections import defaultdict
-from unittest import mock
+from dataclasses import replace
 
 import torch
 
 from benchmarks.bench_attention import sdpa_backends
 from benchmarks.cuda_timing import cuda_time
-from semantic_aug.augmentations import sampler as sampler_module
-from semantic_aug.augmentations.sampler import DiffusionSampler
-from semantic_aug.guidance_prefix import paired_halves
+from semantic_aug.acceleration import Acceleration, GroupNormLaunch, prefer_sdpa_backend
+from semantic_aug.acceleration.guidance_prefix import paired_halves
+from semantic_aug.augmentations.sampler import VAE_DECODE_CHUNK, DiffusionSampler
 from semantic_aug.stable_diffusion import random_sd_v1_folder
 from semantic_aug.utils import UserError, run_cli
 
 STEPS, STRENGTH, GUIDANCE = 50, 0.7, 15.0
-VARIANTS = {  # name -> (compile_model, compile_mode, channels_last, extra inductor options, guidance prefix once)
-    "eager": (False, "default", True, {}, True),
-    "compile": (True, "default", True, {}, True),
-    "compile-no-prefix": (True, "default", True, {}, False),  # both guidance halves computed in full
-    "compile-cg": (True, "reduce-overhead", True, {}, True),
-    "compile-nchw": (True, "default", False, {}, True),
-    "compile-cdt": (True, "default", True, {"coordinate_descent_tuning": True}, True),
-    "compile-freeze": (True, "default", True, {"freezing": True}, True),  # weights as constants
-    "compile-aggressive": (True, "default", True, {"aggressive_fusion": True}, True),  # fuse more nodes
-    "compile-pointwise": (True, "default", True, {"max_autotune_pointwise": True}, True),  # tune Triton configs
+VARIANTS = {  # name -> the sampler's acceleration options (the attention backend is --attention)
+    "eager": Acceleration(),
+    "compile": Acceleration(compile=True),
+    "compile-no-prefix": Acceleration(compile=True, shared_guidance_prefix=False),  # both guidance halves in full
+    "compile-cg": Acceleration(compile=True, compile_mode="reduce-overhead"),
+    "compile-nchw": Acceleration(compile=True, channels_last=False),
+    "compile-cdt": Acceleration(compile=True, inductor_options={"coordinate_descent_tuning": True}),
+    "compile-freeze": Acceleration(compile=True, inductor_options={"freezing": True}),  # weights as constants
+    "compile-aggressive": Acceleration(compile=True, inductor_options={"aggressive_fusion": True}),  # fuse more nodes
+    "compile-pointwise": Acceleration(compile=True, inductor_options={"max_autotune_pointwise": True}),  # tune Triton
 }
-
-
-class LayoutSampler(DiffusionSampler):
-    """The sampler with a choice of memory layout (channels_last or NCHW) for the profile."""
-
-    channels_last = True
-
-    def _prepare_for_speed(self) -> None:
-        if not self.channels_last:
-            self.memory_format = torch.contiguous_format
-        super()._prepare_for_speed()
 
 
 def parse_args() -> argparse.Namespace:
@@ -79,6 +68,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats of each measurement (median)")
     args = parser.parse_args()
     args.skip = set(filter(None, args.skip.split(",")))
+    if args.gn_config:
+        try:
+            args.gn_config = GroupNormLaunch(*(int(v) for v in args.gn_config.split(",")))
+        except (TypeError, ValueError):
+            parser.error(f"--gn-config {args.gn_config!r} is not four integers tile,warps,stats_tiles,normalize_tiles")
     unknown = [name for name in args.variants.split(",") if name not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
@@ -164,20 +158,18 @@ def unet_flops(sampler: DiffusionSampler, rows: int) -> float:
     sample = torch.randn(rows, 4, 64, 64, device="cuda")
     text = torch.randn(rows, 77, 768, device="cuda", dtype=sampler.dtype)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        sampler._unet_forward(sample, torch.tensor(500, device="cuda"), text)
+        sampler.unet_forward(sample, torch.tensor(500, device="cuda"), text)
     return counter.get_total_flops()
 
 
 def profile_variant(model_path: str, variant: str, args) -> None:
-    compile_model, mode, channels_last, extra, share_prefix = VARIANTS[variant]
-    LayoutSampler.channels_last = channels_last
-    prefix = sampler_module.share_guidance_prefix if share_prefix else lambda unet: []
-    # the sampler reads both at construction: patched for it alone
-    with mock.patch.dict(sampler_module.INDUCTOR_OPTIONS, extra), \
-            mock.patch.object(sampler_module, "share_guidance_prefix", prefix):
-        sampler = LayoutSampler.from_pretrained(model_path, device="cuda", dtype=torch.bfloat16,
-                                                compile_model=compile_model, compile_mode=mode,
-                                                attention_backend=args.attention)
+    acceleration = replace(VARIANTS[variant], attention=args.attention)
+    if args.gn_config:
+        acceleration = replace(acceleration, group_norm_launch=args.gn_config)
+    acceleration.configure_process("cuda")
+    sampler = DiffusionSampler.from_pretrained(model_path, device="cuda", dtype=torch.bfloat16,
+                                               acceleration=acceleration)
+    runner = sampler.runner
     rows = 2 * args.images
     latents = torch.randn(args.images, 4, 64, 64, device="cuda")
     sample = torch.cat([latents, latents])  # guidance: both halves hold the same latents
@@ -186,10 +178,10 @@ def profile_variant(model_path: str, variant: str, args) -> None:
     start = time.perf_counter()
 
     def call():
-        with paired_halves(sampler._shared_prefix):
-            return sampler._run_static("unet", sampler._unet_call, sample, timestep, text, paired=True)
+        with paired_halves(runner.shared_prefix):
+            return runner.unet(sample, timestep, text)
 
-    with torch.no_grad(), sampler._attention():
+    with torch.no_grad(), prefer_sdpa_backend(runner.attention):
         call()
         torch.cuda.synchronize()
         warm = time.perf_counter() - start
@@ -202,7 +194,7 @@ def profile_variant(model_path: str, variant: str, args) -> None:
     if "img2img" not in args.skip:
         vae_and_img2img(sampler, ms, variant, args)
         if "overlap" not in args.skip:
-            with torch.no_grad(), sampler._attention():
+            with torch.no_grad(), prefer_sdpa_backend(runner.attention):
                 overlap(sampler, call, args.images, variant)
 
 
@@ -210,11 +202,10 @@ def vae_and_img2img(sampler: DiffusionSampler, unet_ms: float, variant: str, arg
     """Parts 4 and 5: the VAE per image, then whole img2img batches against their UNet share."""
     from PIL import Image
 
-    with torch.no_grad(), sampler._attention():
+    with torch.no_grad(), prefer_sdpa_backend(sampler.runner.attention):
         latents = torch.randn(8, 4, 64, 64, device="cuda")
-        ms_dec = cuda_time(lambda: sampler._run_static("decode", sampler._decode_call, latents), args.repeats)
-        pixels = torch.randn(8, 3, 512, 512, device="cuda", dtype=torch.bfloat16).contiguous(
-            memory_format=sampler.memory_format)
+        ms_dec = cuda_time(lambda: sampler.runner.decode(latents), args.repeats)
+        pixels = sampler.runner.layout(torch.randn(8, 3, 512, 512, device="cuda", dtype=torch.bfloat16))
         ms_enc = cuda_time(lambda: sampler.vae.encode(pixels), args.repeats)
         print(f"[{variant}] VAE decode {ms_dec / 8:.1f} ms/image, encode {ms_enc / 8:.1f} ms/image", flush=True)
     images = [Image.new("RGB", (640, 480), (i * 7 % 255, 90, 160)) for i in range(args.images // 4)]
@@ -237,11 +228,11 @@ def vae_and_img2img(sampler: DiffusionSampler, unet_ms: float, variant: str, arg
 def overlap(sampler: DiffusionSampler, unet_call, images: int, variant: str, steps: int = 35) -> None:
     """Part 6: one batch's UNet calls with the previous batch's VAE decode, serial or on two CUDA streams."""
     latents = torch.randn(images, 4, 64, 64, device="cuda")
-    chunk = sampler_module.VAE_DECODE_CHUNK
+    chunk = VAE_DECODE_CHUNK
 
     def decode(rows: int = chunk):
         for part in latents.split(rows):
-            sampler._run_static("decode", sampler._decode_call, part)
+            sampler.runner.decode(part)
 
     def denoise():
         for _ in range(steps):
@@ -272,11 +263,6 @@ def main(args: argparse.Namespace) -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     model_path = random_sd_v1_folder("cuda")
     if args.gn_config:
-        from semantic_aug import fused_group_norm
-
-        tile, warps, stats, normalize = (int(v) for v in args.gn_config.split(","))
-        fused_group_norm.TILE_ELEMENTS, fused_group_norm.NUM_WARPS = tile, warps
-        fused_group_norm.STATS_TILES, fused_group_norm.NORMALIZE_TILES = stats, normalize
         print(f"fused GroupNorm configuration: {args.gn_config}", flush=True)
     if args.cudnn_benchmark_limit is not None:
         torch.backends.cudnn.benchmark_limit = args.cudnn_benchmark_limit

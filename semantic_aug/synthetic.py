@@ -36,10 +36,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from semantic_aug.acceleration import Acceleration
 from semantic_aug.augmentations import (COMPOSERS, Choice, DiffusionSampler, GenerativeAugmentation, GeneratedImages,
                                         TextualInversion, get_augmentation_class)
 from semantic_aug.augmentations.generative_augmentation import check_strength_and_guidance, settings_digest
-from semantic_aug.augmentations.sampler import DEFAULT_COMPILE_MODE
 from semantic_aug.embeddings import load_tokens, stable_seed
 from semantic_aug.prompts import read_prompt_csv
 from semantic_aug.utils import (StageTimer, UserError, atomic_path, atomic_save_image, atomic_write_csv,
@@ -112,9 +112,8 @@ def build_augmentation(aug_names: Sequence[str], *, model_path: str, embed_path:
                        prompt_path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                        dtype: torch.dtype | str = torch.float32, resolution: int | None = None,
                        num_inference_steps: int = 50, std_deviations: Sequence[float] | None = None,
-                       erasure_ckpt_path: str | os.PathLike | None = None, compile_model: bool = False,
-                       compile_mode: str = DEFAULT_COMPILE_MODE,
-                       attention_backend: str = "auto") -> GenerativeAugmentation:
+                       erasure_ckpt_path: str | os.PathLike | None = None,
+                       acceleration: Acceleration | None = None) -> GenerativeAugmentation:
     """The augmentation `train_classifier.py` generates with, from its flags, as the reference built it.
 
     Cheap checks run before the model loads. The model is loaded fresh on every call: each (seed, examples per
@@ -143,10 +142,8 @@ def build_augmentation(aug_names: Sequence[str], *, model_path: str, embed_path:
         num_inference_steps: scheduler steps for strength 1 (img2img runs `strength` of them).
         std_deviations: noise levels to cycle through; None uses those in the token file.
         erasure_ckpt_path: optional UNet state dict to load over the model's.
-        compile_model: `torch.compile` the UNet and VAE decoder (long GPU runs).
-        compile_mode: the `torch.compile` mode.
-        attention_backend: `auto`, an SDPA kernel to prefer (`flash`, `cudnn`, `efficient`, `math`) or `flash4`
-            (see `DiffusionSampler`).
+        acceleration: how the diffusion model runs (`semantic_aug.acceleration.Acceleration`; None takes its
+            defaults); it changes the images only within float rounding.
 
     Returns:
         The augmentation (a `ComposeParallel`/`ComposeSequential` for several names).
@@ -180,8 +177,7 @@ def build_augmentation(aug_names: Sequence[str], *, model_path: str, embed_path:
 
     sampler = DiffusionSampler.from_pretrained(
         model_path, device=device, dtype=dtype, unet_weights=erasure_ckpt_path, num_inference_steps=num_inference_steps,
-        resolution=resolution, compile_model=compile_model, compile_mode=compile_mode,
-        attention_backend=attention_backend)
+        resolution=resolution, acceleration=acceleration)
     augmentations = []
     for cls, strength_i, guidance_i, mask_i, inverted_i in zip(classes, strengths, guidance_scales, masks, inverteds):
         options = dict(prompt=prompt, strength=strength_i, guidance_scale=guidance_i, mask=bool(mask_i),

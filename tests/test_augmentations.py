@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from semantic_aug.acceleration import Acceleration, ReferenceRunner
 from semantic_aug.augmentations import (ComposeParallel, ComposeSequential, DiffusionSampler, RealGuidance,
                                         TextualInversion, cycle_indices, get_augmentation_class, list_augmentations,
                                         noisy_tokens)
@@ -24,6 +25,11 @@ STEPS = 4  # scheduler steps; strength 0.5 runs 2 of them
 @pytest.fixture(scope="module")
 def sampler(tiny_model_path):
     return DiffusionSampler.from_pretrained("tiny", num_inference_steps=STEPS)
+
+
+@pytest.fixture(scope="module")
+def reference_sampler(tiny_model_path):
+    return DiffusionSampler.from_pretrained("tiny", num_inference_steps=STEPS, acceleration=Acceleration.none())
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +119,68 @@ def test_sampler_matches_diffusers_img2img(sampler):
     theirs = pipe(prompt="a photo of a bench", image=image, strength=0.5, guidance_scale=7.5, num_inference_steps=STEPS,
                   generator=[torch.Generator().manual_seed(7)]).images[0]
     assert np.abs(pixels(ours) - pixels(theirs)).max() <= 1
+
+
+def test_sampler_without_acceleration_is_diffusers_img2img(reference_sampler):
+    """With `Acceleration.none()` the models run as diffusers runs them (no module of theirs rewritten), and the
+    sampler gives diffusers' img2img images. What remains is float rounding: diffusers hands the VAE a
+    channels_last-strided pixel tensor, which the CPU convolution sums in another order (1e-6 in the latents)."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from diffusers.models.attention_processor import Attention
+
+    sampler = reference_sampler
+    assert isinstance(sampler.runner, ReferenceRunner)
+    assert not any(hasattr(m, "to_qkv") or hasattr(m, "paired") for m in sampler.unet.modules())
+    assert all(type(m.processor).__name__ == "AttnProcessor2_0" for m in sampler.unet.modules()
+               if isinstance(m, Attention))
+    pipe = StableDiffusionImg2ImgPipeline(vae=sampler.vae, text_encoder=sampler.text_encoder,
+                                          tokenizer=sampler.tokenizer, unet=sampler.unet, scheduler=sampler.scheduler,
+                                          safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    image = random_image(0)
+    for strength, guidance_scale in ((0.5, 7.5), (1.0, 3.0)):
+        ours = sampler.img2img([image], ["a photo of a bench"], [7], strength, guidance_scale).pil(0)
+        theirs = pipe(prompt="a photo of a bench", image=image, strength=strength, guidance_scale=guidance_scale,
+                      num_inference_steps=STEPS, generator=[torch.Generator().manual_seed(7)]).images[0]
+        assert np.abs(pixels(ours) - pixels(theirs)).max() <= 1
+
+
+def test_default_acceleration_gives_the_reference_images_on_the_cpu(sampler, reference_sampler):
+    """The default options (fused QKV and the shared guidance prefix on the CPU) change the images only within float
+    rounding: img2img, inpainting and inverted inpainting, on a batch with siblings."""
+    real = [random_image(1, (50, 40)), random_image(2, (70, 64))]
+    images = [real[0], real[0], real[1]]
+    masks = [np.zeros((40, 50), np.uint8), np.zeros((40, 50), np.uint8), np.zeros((64, 70), np.uint8)]
+    for mask in masks:
+        mask[5:30, 10:40] = 1
+    prompts = ["a photo of a car", "a car in the snow", "a photo of a dog"]
+    for options in ({}, {"masks": masks}, {"masks": masks, "invert_mask": True}):
+        fast = sampler.img2img(images, prompts, [1, 2, 3], strength=0.75, guidance_scale=7.5, **options)
+        plain = reference_sampler.img2img(images, prompts, [1, 2, 3], strength=0.75, guidance_scale=7.5, **options)
+        for i in range(len(images)):
+            difference = np.abs(pixels(fast.pil(i)) - pixels(plain.pil(i)))
+            assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
+
+
+def test_acceleration_options_are_checked_and_touch_no_process_setting(tiny_model_path):
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        Acceleration().configure_process("cpu")
+        assert torch.backends.cudnn.benchmark is False  # cuDNN autotuning is for a CUDA device
+        Acceleration(cudnn_benchmark=False).configure_process("cuda")
+        assert torch.backends.cudnn.benchmark is False
+        Acceleration().configure_process("cuda")
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = before
+    assert Acceleration.none().is_reference and not Acceleration().is_reference
+    with pytest.raises(UserError, match="unknown attention backend 'fast'; choose one of auto"):
+        Acceleration(attention="fast")
+    with pytest.raises(UserError, match="unknown compile mode"):
+        Acceleration(compile_mode="fastest")
+    with pytest.raises(UserError, match="flash4 runs on fused projections"):
+        Acceleration(attention="flash4", fused_qkv=False)
 
 
 def test_sampler_output_does_not_depend_on_the_batch(sampler):

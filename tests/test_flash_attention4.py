@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
+from semantic_aug.acceleration import Acceleration
+from semantic_aug.acceleration.flash_attention4 import (FlashAttention4Processor, check_flash_attention4,
+                                                        flash_attention4_preferred, use_flash_attention4)
 from semantic_aug.augmentations.sampler import DiffusionSampler
-from semantic_aug.flash_attention4 import (FlashAttention4Processor, check_flash_attention4,
-                                           flash_attention4_preferred, use_flash_attention4)
 from semantic_aug.stable_diffusion import load_sd_components
 from semantic_aug.utils import UserError
 
@@ -84,4 +85,4 @@ def test_flash4_off_hopper_is_a_one_line_error(tiny_model_path):
         check_flash_attention4(torch.device("cpu"))
     assert not flash_attention4_preferred(torch.device("cpu"))  # `auto` keeps SDPA off Hopper
     with pytest.raises(UserError, match="attention backend flash4"):
-        DiffusionSampler.from_pretrained(tiny_model_path, attention_backend="flash4")
+        DiffusionSampler.from_pretrained(tiny_model_path, acceleration=Acceleration(attention="flash4"))

@@ -13,8 +13,9 @@ import sys
 import pytest
 import torch
 
-from semantic_aug import fused_group_norm
-from semantic_aug.fused_group_norm import FusedGroupNorm, fuse_group_norms, group_norm, kernels_apply
+from semantic_aug.acceleration import fused_group_norm
+from semantic_aug.acceleration.fused_group_norm import (FusedGroupNorm, GroupNormLaunch, fuse_group_norms, group_norm,
+                                                        kernels_apply)
 from semantic_aug.stable_diffusion import load_sd_components
 
 pytestmark = pytest.mark.skipif(fused_group_norm.triton is None, reason="Triton is not installed")
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.skipif(fused_group_norm.triton is None, reason="Triton 
 INTERPRETED_CHECKS = r"""
 import json, torch, torch.nn.functional as F
 from diffusers.models.resnet import ResnetBlock2D
-from semantic_aug import fused_group_norm as fg
+from semantic_aug.acceleration import fused_group_norm as fg
 
 torch.manual_seed(0)
 results = {}
@@ -39,7 +40,7 @@ for name, (shape, groups, dtype, with_bias, silu, offset, channels_last) in case
         x = x.contiguous(memory_format=torch.channels_last)
     weight, bias = torch.randn(shape[1]).to(dtype), torch.randn(shape[1]).to(dtype)
     time_bias = torch.randn(shape[0], shape[1]).to(dtype) if with_bias else None
-    out = fg._launch(x, weight, bias, time_bias, groups, 1e-5, silu, tile_elements=256, stats_tiles=2,
+    out = fg.run_kernels(x, weight, bias, time_bias, groups, 1e-5, silu, tile_elements=256, stats_tiles=2,
                      normalize_tiles=3)
     full = x.double() + (time_bias.double()[:, :, None, None] if with_bias else 0)
     reference = F.group_norm(full, groups, weight.double(), bias.double(), 1e-5)
@@ -127,3 +128,21 @@ def test_kernels_are_used_only_without_autograd_on_a_device():
     expected = torch.nn.functional.silu(torch.nn.functional.group_norm(x + time_bias[:, :, None, None], 4, weight,
                                                                        bias, 1e-5))
     torch.testing.assert_close(group_norm(x, 4, weight, bias, 1e-5, silu=True, bias=time_bias), expected)
+
+
+def test_fusing_changes_only_the_model_it_is_given(tiny_model_path):
+    """The fused forward goes onto the model's own ResNet blocks, with the launch configuration asked for: diffusers'
+    class and a second model stay as they were."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    class_forward = ResnetBlock2D.forward
+    _, _, _, unet, _ = load_sd_components(tiny_model_path)
+    _, _, _, other, _ = load_sd_components(tiny_model_path)
+    launch = GroupNormLaunch(tile_elements=256, num_warps=2, stats_tiles=2, normalize_tiles=1)
+    fuse_group_norms(unet, launch)
+    fused = [m for m in unet.modules() if isinstance(m, FusedGroupNorm)]
+    assert fused and all(m.launch == launch for m in fused)
+    assert "forward" in vars(unet.down_blocks[0].resnets[0])
+    assert ResnetBlock2D.forward is class_forward
+    assert not any(isinstance(m, FusedGroupNorm) for m in other.modules())
+    assert "forward" not in vars(other.down_blocks[0].resnets[0])

@@ -3,8 +3,9 @@ gives the same output; the sampler pads guidance halves separately so that they 
 
 import torch
 
+from semantic_aug.acceleration import Acceleration, StaticBatches
+from semantic_aug.acceleration.guidance_prefix import paired_halves, share_guidance_prefix
 from semantic_aug.augmentations.sampler import DiffusionSampler
-from semantic_aug.guidance_prefix import paired_halves, share_guidance_prefix
 from semantic_aug.stable_diffusion import load_sd_components
 
 
@@ -58,11 +59,10 @@ def test_unknown_layouts_are_left_alone():
     assert share_guidance_prefix(torch.nn.Linear(2, 2)) == []
 
 
-def test_static_batches_pad_each_guidance_half(tiny_model_path):
+def test_static_batches_pad_each_guidance_half():
     """Compiled graphs see a fixed batch: 2 x 3 guidance rows padded to 2 x 4 must stay paired row by row."""
-    sampler = DiffusionSampler.from_pretrained("tiny", num_inference_steps=2)
-    sampler.compile_model = True  # pad as the compiled path does, without compiling
-    sampler._static_rows["unet"] = 8
+    batches = StaticBatches(torch.contiguous_format, pad=True, cudagraphs=False)  # as the compiled path pads
+    batches.rows = 8
     seen = []
 
     def record(sample, text):
@@ -71,7 +71,7 @@ def test_static_batches_pad_each_guidance_half(tiny_model_path):
 
     latents = torch.arange(3.0).reshape(3, 1, 1, 1).expand(3, 4, 2, 2)
     text = torch.arange(6.0).reshape(6, 1)
-    out = sampler._run_static("unet", record, torch.cat([latents, latents]), text, paired=True)
+    out = batches(record, torch.cat([latents, latents]), text, paired=True)
     sample_in, text_in = seen[0]
     assert sample_in.shape[0] == 8
     torch.testing.assert_close(sample_in[:4], sample_in[4:])  # the halves still hold the same latents
@@ -85,9 +85,24 @@ def test_img2img_runs_the_prefix_on_one_half():
 
     sampler = DiffusionSampler.from_pretrained("tiny", num_inference_steps=4)
     rows_seen = []
-    hook = sampler._shared_prefix[0].conv1.register_forward_hook(
+    hook = sampler.runner.shared_prefix[0].conv1.register_forward_hook(
         lambda module, args, out: rows_seen.append(args[0].shape[0]))
     images = [Image.new("RGB", (40, 30), (200, 30, 90)), Image.new("RGB", (40, 30), (20, 130, 90))]
     sampler.img2img(images, ["a cat", "a dog"], [1, 2], strength=0.5, guidance_scale=7.5)
     hook.remove()
     assert rows_seen == [2] * len(sampler.timesteps_for(0.5))  # every UNet call, on 2 of its 4 rows
+
+
+def test_the_prefix_is_switched_by_name(tiny_model_path):
+    """`shared_guidance_prefix=False` runs every row through the prefix and leaves the UNet's modules as they were."""
+    from PIL import Image
+
+    sampler = DiffusionSampler.from_pretrained("tiny", num_inference_steps=4,
+                                               acceleration=Acceleration(shared_guidance_prefix=False))
+    first = sampler.unet.down_blocks[0].resnets[0]
+    assert sampler.runner.shared_prefix == [] and not hasattr(first, "paired")
+    rows_seen = []
+    hook = first.conv1.register_forward_hook(lambda module, args, out: rows_seen.append(args[0].shape[0]))
+    sampler.img2img([Image.new("RGB", (40, 30), (200, 30, 90))], ["a cat"], [1], strength=0.5, guidance_scale=7.5)
+    hook.remove()
+    assert rows_seen == [2] * len(sampler.timesteps_for(0.5))  # both guidance halves, every step

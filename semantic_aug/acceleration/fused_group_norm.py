@@ -14,14 +14,16 @@ tensor as it lies, in three launches:
 
 That is one read for the statistics and one read plus one write for the output. The function computed is
 exactly `silu(group_norm(x + bias[:, :, None, None]))` (within float rounding), inference only (no autograd).
-`fuse_group_norms(model)` swaps them into a diffusers UNet or VAE. Elsewhere (CPU, no Triton) `group_norm` runs
-the PyTorch operations, so callers need no case of their own.
+`fuse_group_norms(model)` swaps them into the module instances of a diffusers UNet or VAE (the diffusers classes
+are left as they are, so other models are untouched). Elsewhere (CPU, no Triton) `group_norm` runs the PyTorch
+operations, so callers need no case of their own.
 """
 
 from __future__ import annotations
 
 import os
 import types
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,21 @@ TILE_ELEMENTS = 16384  # elements of one [pixels, channels] tile a program holds
 NUM_WARPS = 4
 STATS_TILES = 4  # tiles one statistics program sums
 NORMALIZE_TILES = 4  # tiles one output program writes
+
+
+@dataclass(frozen=True)
+class GroupNormLaunch:
+    """How the kernels are launched: a program holds a [pixels, channels] tile of `tile_elements` (all channels,
+    padded to a power of two) with `num_warps` warps and walks `stats_tiles` (statistics) or `normalize_tiles`
+    (output) tiles of one image. The defaults are the measured best (see `TILE_ELEMENTS`)."""
+
+    tile_elements: int = TILE_ELEMENTS
+    num_warps: int = NUM_WARPS
+    stats_tiles: int = STATS_TILES
+    normalize_tiles: int = NORMALIZE_TILES
+
+
+DEFAULT_LAUNCH = GroupNormLaunch()
 
 
 if triton is not None:
@@ -131,22 +148,23 @@ if triton is not None:
 
     @torch.library.custom_op("diagen::group_norm_nhwc", mutates_args=())
     def _group_norm_nhwc(x: torch.Tensor, weight: torch.Tensor, affine_bias: torch.Tensor,
-                         bias: torch.Tensor | None, num_groups: int, eps: float, silu: bool) -> torch.Tensor:
-        return _launch(x, weight, affine_bias, bias, num_groups, eps, silu)
+                         bias: torch.Tensor | None, num_groups: int, eps: float, silu: bool, tile_elements: int,
+                         num_warps: int, stats_tiles: int, normalize_tiles: int) -> torch.Tensor:
+        return run_kernels(x, weight, affine_bias, bias, num_groups, eps, silu, tile_elements, num_warps, stats_tiles,
+                           normalize_tiles)
 
     @_group_norm_nhwc.register_fake
-    def _(x, weight, affine_bias, bias, num_groups, eps, silu):
+    def _(x, weight, affine_bias, bias, num_groups, eps, silu, tile_elements, num_warps, stats_tiles,
+          normalize_tiles):
         return torch.empty_like(x, memory_format=torch.channels_last)
 
 
-def _launch(x: torch.Tensor, weight: torch.Tensor, affine_bias: torch.Tensor, bias: torch.Tensor | None,
-            num_groups: int, eps: float, silu: bool, tile_elements: int | None = None, num_warps: int | None = None,
-            stats_tiles: int | None = None, normalize_tiles: int | None = None) -> torch.Tensor:
+def run_kernels(x: torch.Tensor, weight: torch.Tensor, affine_bias: torch.Tensor, bias: torch.Tensor | None,
+                num_groups: int, eps: float, silu: bool, tile_elements: int | None = None, num_warps: int | None = None,
+                stats_tiles: int | None = None, normalize_tiles: int | None = None) -> torch.Tensor:
     """Run the three kernels on a 4-D tensor (any layout; read as channels_last).
 
-    A program holds a [pixels, channels] tile of `tile_elements` (all channels, padded to a power of two) and
-    walks `stats_tiles` (statistics) or `normalize_tiles` (output) tiles of one image; None takes the module's
-    defaults.
+    The launch settings are those of `GroupNormLaunch`; None takes the module's defaults.
     """
     tile_elements, num_warps = tile_elements or TILE_ELEMENTS, num_warps or NUM_WARPS
     stats_tiles, normalize_tiles = stats_tiles or STATS_TILES, normalize_tiles or NORMALIZE_TILES
@@ -184,11 +202,14 @@ def kernels_apply(x: torch.Tensor) -> bool:
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, affine_bias: torch.Tensor, eps: float,
-               silu: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`silu?(group_norm(x + bias))`: x (N, C, H, W) or (N, C, L); bias (N, C) or None, added per image and channel."""
+               silu: bool = False, bias: torch.Tensor | None = None,
+               launch: GroupNormLaunch = DEFAULT_LAUNCH) -> torch.Tensor:
+    """`silu?(group_norm(x + bias))`: x (N, C, H, W) or (N, C, L); bias (N, C) or None, added per image and channel;
+    `launch` configures the kernels where they run."""
     if kernels_apply(x):
         flat = x.unsqueeze(-1) if x.dim() == 3 else x
-        out = _group_norm_nhwc(flat, weight, affine_bias, bias, num_groups, eps, silu)
+        out = _group_norm_nhwc(flat, weight, affine_bias, bias, num_groups, eps, silu, launch.tile_elements,
+                               launch.num_warps, launch.stats_tiles, launch.normalize_tiles)
         return out.squeeze(-1) if x.dim() == 3 else out
     if bias is not None:
         x = x + bias.reshape(*bias.shape[:2], *([1] * (x.dim() - 2)))
@@ -198,21 +219,24 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, affine_bi
 
 class FusedGroupNorm(nn.GroupNorm):
     """`nn.GroupNorm` (same parameters and state dict) through `group_norm`, optionally followed by SiLU; `forward`
-    also takes a per-image, per-channel `bias` added before the norm."""
+    also takes a per-image, per-channel `bias` added before the norm. `launch` configures the kernels."""
 
-    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, silu: bool = False, **kwargs):
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, silu: bool = False,
+                 launch: GroupNormLaunch = DEFAULT_LAUNCH, **kwargs):
         super().__init__(num_groups, num_channels, eps=eps, affine=True, **kwargs)
-        self.silu = silu
+        self.silu, self.launch = silu, launch
 
     @classmethod
-    def replacing(cls, norm: nn.GroupNorm, silu: bool = False) -> "FusedGroupNorm":
-        fused = cls(norm.num_groups, norm.num_channels, eps=norm.eps, silu=silu,
+    def replacing(cls, norm: nn.GroupNorm, silu: bool = False,
+                  launch: GroupNormLaunch = DEFAULT_LAUNCH) -> "FusedGroupNorm":
+        fused = cls(norm.num_groups, norm.num_channels, eps=norm.eps, silu=silu, launch=launch,
                     device=norm.weight.device, dtype=norm.weight.dtype)
         fused.load_state_dict(norm.state_dict())
         return fused
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=self.silu, bias=bias)
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=self.silu, bias=bias,
+                          launch=self.launch)
 
 
 def _fused_resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args, **kwargs):
@@ -234,27 +258,29 @@ def _plain_resnet(module: nn.Module) -> bool:
             and all(type(getattr(module, name)) is nn.GroupNorm for name in ("norm1", "norm2")))
 
 
-def fuse_group_norms(model: nn.Module) -> int:
+def fuse_group_norms(model: nn.Module, launch: GroupNormLaunch = DEFAULT_LAUNCH) -> int:
     """Swap the fused kernels into a diffusers UNet, VAE or any module holding such blocks; returns the count.
 
-    Plain `ResnetBlock2D`s get fused GroupNorm+SiLU norms and a forward that uses them (the time embedding added
-    inside the second norm); a model's `conv_norm_out` followed by a SiLU `conv_act` becomes one fused norm; every other
-    `nn.GroupNorm` (transformer and attention norms) becomes a `FusedGroupNorm`. Parameters are untouched.
+    Plain `ResnetBlock2D`s get fused GroupNorm+SiLU norms and, on the instance, a forward that uses them (the time
+    embedding added inside the second norm); a model's `conv_norm_out` followed by a SiLU `conv_act` becomes one fused
+    norm; every other `nn.GroupNorm` (transformer and attention norms) becomes a `FusedGroupNorm`. Parameters are
+    untouched, and so are the diffusers classes: only `model`'s own modules change.
     """
     fused = 0
     for module in list(model.modules()):
         if _plain_resnet(module):
-            module.norm1 = FusedGroupNorm.replacing(module.norm1, silu=True)
-            module.norm2 = FusedGroupNorm.replacing(module.norm2, silu=True)
+            module.norm1 = FusedGroupNorm.replacing(module.norm1, silu=True, launch=launch)
+            module.norm2 = FusedGroupNorm.replacing(module.norm2, silu=True, launch=launch)
             module.forward = types.MethodType(_fused_resnet_forward, module)
             fused += 2
         norm, act = getattr(module, "conv_norm_out", None), getattr(module, "conv_act", None)
         if type(norm) is nn.GroupNorm and isinstance(act, nn.SiLU):
-            module.conv_norm_out, module.conv_act = FusedGroupNorm.replacing(norm, silu=True), nn.Identity()
+            module.conv_norm_out = FusedGroupNorm.replacing(norm, silu=True, launch=launch)
+            module.conv_act = nn.Identity()
             fused += 1
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.GroupNorm:
-                setattr(parent, name, FusedGroupNorm.replacing(child))
+                setattr(parent, name, FusedGroupNorm.replacing(child, launch=launch))
                 fused += 1
     return fused
