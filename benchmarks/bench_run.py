@@ -19,9 +19,9 @@ its exact command. Optional extra stages (`--extra`):
                  --jobs-per-gpu), with their summed training rate.
 
 On the device (PYTHONPATH=. or an installed package):
-    python benchmarks/bench_run.py --ti-steps 100 --epochs 10 --log $OUT/bench_run.log
+    PYTHONPATH=. python -m benchmarks.bench_run --ti-steps 60 --epochs 5 --extra compile-cache packing --log $OUT/bench_run.log
 CPU smoke test (tiny models; meaningless speeds):
-    python benchmarks/bench_run.py --model tiny --backbone efficientnet_lite0 --ti-steps 2 --epochs 1 \\
+    python -m benchmarks.bench_run --model tiny --backbone efficientnet_lite0 --ti-steps 2 --epochs 1 \\
         --iterations-per-epoch 2 --num-synthetic 1 --image-size 64 --extra compile-cache packing
 """
 

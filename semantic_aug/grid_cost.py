@@ -11,20 +11,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Measured through the scripts on one H200 (SD v1.4 architecture and ResNet-50 with random weights, Custom COCO,
-# seed 0, 2 examples per class, `--compile-generation --generation-batch-size 32`): the stage table of
-# benchmarks/bench_run.py. Refresh from its log.
+# Measured through the scripts on one H100 (SD v1.4 architecture and ResNet-50 with random weights, Custom COCO,
+# seed 0, 2 examples per class, the scripts' defaults): benchmarks/results/bench_run.log. Refresh from its log.
 STAGE_RATES = {
-    "textual_inversion_samples_per_s": 1.40 * 92,  # `fine_tune.py --joint`: 1.40 updates/s of 92 samples (23 x 4)
-    "textual_inversion_setup_s": 20.0,  # loading SD and caching the latents before the first update
-    "generation_images_per_s": 6.9,  # steady, `--compile-generation`, batch 32
-    "generation_compile_s": 63.0,  # torch.compile warm-up of a machine's first generating run (empty cache)
-    "generation_cached_compile_s": 63.0,  # the warm-up of later runs, which load the compiled code from disk
-    "generation_eager_images_per_s": 5.0,  # without `--compile-generation` (bench_generation.py, H100, eager)
-    "classifier_iterations_per_s": 106.0,  # ResNet-50 training steps at `classifier_batch` images
+    "textual_inversion_samples_per_s": 1.77 * 92,  # `fine_tune.py --joint`, compiled: 1.77 updates/s of 23 x 4
+    "textual_inversion_setup_s": 35.0 + 157.0,  # loading and latents, then compiling up to the first update
+    "generation_images_per_s": 6.33,  # steady, compiled, bf16, batch 32
+    "generation_compile_s": 75.0,  # the first batch of a machine's first generating run (empty compile cache)
+    "generation_cached_compile_s": 75.0,  # later runs load the compiled code; not measured apart yet: an upper bound
+    "generation_eager_images_per_s": 5.0,  # `--no-compile-generation` (bench_generation.py, H100, eager)
+    "classifier_iterations_per_s": 84.3,  # ResNet-50 linear probe, batch `classifier_batch`, validation included
     "classifier_batch": 16,
-    "filter_iterations_per_s": 106.0,  # the filter trains like the classifier
-    "script_setup_s": 15.0,  # start-up of any script (imports, models, data)
+    "filter_iterations_per_s": 31.7,  # the filter's ResNet-50 with its RandAugment chain, validation included
+    "script_setup_s": 57.0,  # DIAGen's classifier run apart from generation and training: loading, scoring, testing
 }
 STAGES = ("Textual Inversion", "aggregation", "prompts", "filter", "generation", "classifier", "evaluation")
 FINE_TUNE_DEFAULT_STEPS = 5000  # fine_tune.py's --max_train_steps default (the reference's)
@@ -237,7 +236,7 @@ def describe_cost(jobs: list, config: dict, gpus: int, rates: dict = STAGE_RATES
     wall, chain = simulate_wall_time(jobs, cost.job_seconds, gpus)
     if gpus:
         lines.append(f"# estimated wall time on {gpus} GPU(s): {_duration(wall)} (longest chain of dependent jobs: "
-                     f"{_duration(chain)}; rates measured on one H200, semantic_aug/grid_cost.py)")
+                     f"{_duration(chain)}; rates measured on one H100, semantic_aug/grid_cost.py)")
     else:
         lines.append(f"# no GPU visible: no wall-time estimate (the rates are a GPU's; pass --gpus 0,1 to estimate "
                      f"for two GPUs); longest chain of dependent jobs on one GPU each: {_duration(chain)}")

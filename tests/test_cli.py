@@ -113,12 +113,32 @@ def test_the_readme_has_the_pipeline_commands():
             "semantic_aug.experiments", "report"} <= scripts
 
 
+def readme_plugin_module(path: str) -> str:
+    """The README's Python block that starts with `# {path}` (the dataset plugin example)."""
+    text = (REPO_ROOT / "README.md").read_text()
+    blocks = [block for block in re.findall(r"```python\n(.*?)```", text, flags=re.S)
+              if block.startswith(f"# {path}\n")]
+    assert blocks, f"the README names {path} but shows no Python block for it"
+    return blocks[0]
+
+
 @pytest.mark.parametrize("command", readme_commands() + REFERENCE_COMMANDS)
-def test_documented_commands_parse(parsers, command):
+def test_documented_commands_parse(parsers, command, tmp_path, monkeypatch):
     script, argv = script_of(shlex.split(command))
+    argv = [word for word in argv if word != "..."]  # "more flags" in the README's prose commands
     if script not in parsers:
         pytest.skip(f"{script} is not a pipeline script")
-    parsers[script].parse_args(argv)  # argparse exits on an unknown flag or a bad value
+    parser = parsers[script]
+    if "--dataset-module" in argv:  # the README's own plugin example, written where the command expects it
+        from semantic_aug.datasets.registry import load_dataset_plugins
+
+        module = argv[argv.index("--dataset-module") + 1]
+        (tmp_path / module).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / module).write_text(readme_plugin_module(module))
+        monkeypatch.chdir(tmp_path)
+        load_dataset_plugins(argv)
+        parser = real_parser(script)
+    parser.parse_args(argv)  # argparse exits on an unknown flag or a bad value
 
 
 def test_an_unknown_flag_fails_the_parse(parsers, capsys):
