@@ -27,7 +27,7 @@ from slurm_cluster import SlurmCluster, missing_reason
 pytestmark = [pytest.mark.slow, pytest.mark.slurm,
               pytest.mark.skipif(missing_reason() is not None, reason=f"no Slurm: {missing_reason()}")]
 
-RUN_SECONDS = 480  # the longest a runner may take here before the test fails (a grid takes about a minute)
+RUN_SECONDS = 900  # the longest a runner may take here before the test fails (a grid takes about a minute)
 START_LINE = re.compile(r"^=== .* on Slurm job (\S+) on ", re.MULTILINE)
 COMPARED = ("*.csv", "*.pt", "*.pth", "*.png")  # every result, token, model and image file
 
