@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from conftest import accelerate_launch
 from semantic_aug.embeddings import LEARNED_EMBEDS_NAME, LEARNED_EMBEDS_SAFE_NAME, load_tokens
-from semantic_aug.textual_inversion_training import (ClassSpec, PerRowAdamW, TextualInversionConfig,
+from semantic_aug.textual_inversion_training import (OBJECT_TEMPLATES, ClassSpec, PerRowAdamW, TextualInversionConfig,
                                                      TextualInversionTrainer, find_checkpoints)
 from semantic_aug.utils import UserError
 
@@ -112,6 +113,72 @@ def test_training_lowers_the_loss_on_a_fixed_batch_and_changes_only_placeholder_
         saved = load_tokens(tmp_path / name / LEARNED_EMBEDS_NAME)[f"<{name}>"]
         assert not torch.allclose(saved, init)
         assert torch.equal(weight[token_id], saved)
+
+
+def reference_textual_inversion_updates(tiny_model_path, images, draws, learning_rate: float) -> torch.Tensor:
+    """The reference loop (diffusers' textual_inversion example), written out: AdamW over the whole input-embedding
+    matrix, every other row restored after each step. `draws` supply the random choices (image, flip, template,
+    timestep, noise, posterior ε) of each update. Returns the placeholder's row after the updates."""
+    from semantic_aug.stable_diffusion import load_sd_components
+
+    tokenizer, text_encoder, vae, unet, noise_scheduler = load_sd_components(tiny_model_path)
+    tokenizer.add_tokens(["<car>"])
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    placeholder_id = tokenizer.convert_tokens_to_ids("<car>")
+    weight = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[placeholder_id] = weight[tokenizer("the", add_special_tokens=False).input_ids[0]]
+    for model in (vae, unet, text_encoder):
+        model.requires_grad_(False)
+    weight.requires_grad_(True)
+    optimizer = torch.optim.AdamW([weight], lr=learning_rate, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    original = weight.detach().clone()
+    keep = torch.arange(len(tokenizer)) != placeholder_id
+    text_encoder.train()
+    for draw in draws:
+        pixels, captions = [], []
+        for index, flip, template in zip(draw.image_index, draw.flip, draw.template_index):
+            image = images[index].resize((RESOLUTION, RESOLUTION), resample=Image.Resampling.BICUBIC)
+            if flip:
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            pixels.append(torch.from_numpy(np.array(image).astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1))
+            captions.append(OBJECT_TEMPLATES[template].format("<car>"))
+        # latent_dist.sample() × scaling factor with the draw's ε, scaled term by term as the trainer's latent cache
+        # does (scaling the sum instead moves the vector by 5e-7 after two updates at this rate, by rounding alone)
+        posterior = vae.encode(torch.stack(pixels)).latent_dist
+        scale = vae.config.scaling_factor
+        latents = posterior.mean * scale + posterior.std * scale * draw.latent_noise
+        noisy_latents = noise_scheduler.add_noise(latents, draw.noise, draw.timesteps)
+        input_ids = tokenizer(captions, padding="max_length", truncation=True,
+                              max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+        encoder_hidden_states = text_encoder(input_ids)[0]
+        prediction = unet(noisy_latents, draw.timesteps, encoder_hidden_states).sample
+        loss = F.mse_loss(prediction.float(), draw.noise.float(), reduction="mean")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            weight[keep] = original[keep]
+    return weight[placeholder_id].detach().clone()
+
+
+def test_two_updates_equal_the_reference_loop_with_the_same_draws(parts, accelerator, tmp_path, tiny_model_path):
+    learning_rate, updates = 1e-1, 2  # a high rate, so that a wrong weight decay moves the vector visibly
+    trainer = make_trainer(parts, accelerator, train_batch_size=2, learning_rate=learning_rate,
+                           max_train_steps=updates)
+    spec = class_specs(tmp_path)[0]
+    with trainer.start([spec], seed=0) as group:
+        generator_state, order_state = group.generators[0].get_state(), group.epoch_orders[0].state_dict()
+        draws = [group.draw(0) for _ in range(updates)]
+        group.generators[0].set_state(generator_state)  # train from the same point: the steps redraw the same
+        group.epoch_orders[0].load_state_dict(order_state)
+        for _ in range(updates):
+            group.train_step()
+        learned = group.vector(0)
+    assert any(draw.flip.any() for draw in draws)  # the mirrored images are exercised
+    assert (learned - trainer.initializer_vector).abs().max() > learning_rate  # AdamW moves each coordinate ~lr
+    reference = reference_textual_inversion_updates(tiny_model_path, spec.images, draws, learning_rate)
+    torch.testing.assert_close(learned, reference, rtol=0, atol=1e-6)  # bit-identical on this CPU
 
 
 def test_a_class_gets_the_same_gradient_alone_and_in_a_mixed_batch(parts, accelerator, tmp_path):
