@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,6 +54,9 @@ class SlurmCluster:
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
+        # slurmd and munged make Unix sockets under these, and a socket path holds at most 108 bytes: pytest's
+        # temporary folders (with xdist's `popen-gwN/`) are too deep for them, so they get a short folder of their own
+        self.sockets = Path(tempfile.mkdtemp(prefix="slurm-", dir="/tmp"))
         self.processes: list[tuple[str, Path]] = []  # (daemon, pid file)
         self.env = dict(os.environ, SLURM_CONF=str(self.folder / "slurm.conf"))
 
@@ -69,17 +73,19 @@ class SlurmCluster:
 
     def start(self) -> None:
         folder = self.folder
-        for sub in ("state", "spool", "munge"):
-            (folder / sub).mkdir(parents=True, exist_ok=True)
-        (folder / "munge").chmod(0o700)
-        key = folder / "munge" / "munge.key"
+        (folder / "state").mkdir(parents=True, exist_ok=True)
+        for sub in ("spool", "munge"):
+            (self.sockets / sub).mkdir(parents=True, exist_ok=True)
+        (self.sockets / "munge").chmod(0o700)
+        key = self.sockets / "munge" / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
-        socket_path = folder / "munge" / "munge.socket"
-        self._daemon("munged", folder / "munge" / "munged.pid",
+        socket_path = self.sockets / "munge" / "munge.socket"
+        self._daemon("munged", self.sockets / "munge" / "munged.pid",
                      [_binary("munged"), "--force", f"--key-file={key}", f"--socket={socket_path}",
-                      f"--pid-file={folder / 'munge' / 'munged.pid'}", f"--log-file={folder / 'munge' / 'munged.log'}",
-                      f"--seed-file={folder / 'munge' / 'munged.seed'}"])
+                      f"--pid-file={self.sockets / 'munge' / 'munged.pid'}",
+                      f"--log-file={self.sockets / 'munge' / 'munged.log'}",
+                      f"--seed-file={self.sockets / 'munge' / 'munged.seed'}"])
         host = "localhost"
         (folder / "slurm.conf").write_text("\n".join([
             "ClusterName=diagen-test",
@@ -91,7 +97,7 @@ class SlurmCluster:
             "CredType=cred/munge",
             f"AuthInfo=socket={socket_path}",
             f"StateSaveLocation={folder / 'state'}",
-            f"SlurmdSpoolDir={folder / 'spool'}",
+            f"SlurmdSpoolDir={self.sockets / 'spool'}",
             f"SlurmctldPidFile={folder / 'slurmctld.pid'}",
             f"SlurmdPidFile={folder / 'slurmd.pid'}",
             f"SlurmctldLogFile={folder / 'slurmctld.log'}",
@@ -152,6 +158,7 @@ class SlurmCluster:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
         self.processes.clear()
+        shutil.rmtree(self.sockets, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
