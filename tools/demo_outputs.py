@@ -1,6 +1,6 @@
 """The SHA-256 of every file the demo writes: the proof that a change which claims to change no result changes none.
 
-`record` runs `demo.sh` in a scratch copy of the checkout (its tracked and unignored files, a fresh model cache) and
+`record` runs `demo.sh` in a scratch copy of the checkout (its tracked and unignored files, an emptied model cache) and
 stores one digest per output file; `check` runs it again and lists every file whose digest differs, is missing or
 is new. The scratch folder's own path, where a file records it, is replaced by a placeholder. Tensor files (`.pt`, `.pth`, `.bin`, `.safetensors`) are digested by their tensors' names, dtypes, shapes and
 bytes, and their other values, so that a serialisation detail cannot hide or fake a change; every other file by its
@@ -72,7 +72,10 @@ def run_demo(scratch: Path) -> dict[str, str]:
         if (REPO / name).is_file():
             (scratch / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, scratch / name)
-    env = {**os.environ, "DIAGEN_CACHE": str(scratch / ".cache"), "PYTHONPATH": str(scratch),
+    # one fixed cache path, emptied first: the synthetic images' settings fingerprint the model's folder path
+    cache = Path(tempfile.gettempdir()) / "diagen-demo-outputs-cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    env = {**os.environ, "DIAGEN_CACHE": str(cache), "PYTHONPATH": str(scratch),
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
     result = subprocess.run(["bash", str(scratch / "demo.sh")], cwd=scratch, env=env, capture_output=True, text=True)
     if result.returncode != 0:
