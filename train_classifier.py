@@ -42,8 +42,8 @@ from semantic_aug.filtering import (DEFAULT_FILTER_MODE, FILTER_BACKBONE, FILTER
 from semantic_aug.stable_diffusion import enable_compile_cache
 from semantic_aug.training import (classifier_filename, default_num_workers, evaluate, fit, load_classifier,
                                    results_csv_path, save_classifier, test_csv_path)
-from semantic_aug.utils import (HelpFormatter, UserError, atomic_write_csv, check_flag_minimum, pick_device,
-                                restart_marker, run_cli, set_seed, str2bool)
+from semantic_aug.utils import (DTYPES, HelpFormatter, UserError, atomic_write_csv, check_flag_minimum,
+                                pick_device, restart_marker, run_cli, set_seed, str2bool)
 
 logger = logging.getLogger("train_classifier")
 
@@ -56,7 +56,6 @@ SPLIT_ALIASES = {"test_uncommon": "test_uncommon_context"}  # the reference's na
 DEFAULT_STRENGTH = 0.7  # the README's DIAGen settings; the reference crashed when they were left out
 DEFAULT_GUIDANCE_SCALE = 15.0
 DEFAULT_GENERATION_BATCH_SIZE = 32  # fills an H100/H200 (bench_generation.py); the images do not depend on it
-GENERATION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -91,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "regenerate (default: stop with an error)")
     parser.add_argument("--generation-batch-size", type=int, default=DEFAULT_GENERATION_BATCH_SIZE,
                         help="images per diffusion pipeline call (the images do not depend on it)")
-    parser.add_argument("--generation-dtype", default="auto", choices=("auto", *GENERATION_DTYPES),
+    parser.add_argument("--generation-dtype", default="auto", choices=("auto", *DTYPES),
                         help="weight dtype of the diffusion model; auto: bf16 on a GPU, fp32 on the CPU")
     parser.add_argument("--num-inference-steps", type=int, default=50,
                         help="diffusion scheduler steps at strength 1 (img2img runs strength x steps of them)")
@@ -301,7 +300,7 @@ def generation_dtype(name: str, device: torch.device) -> torch.dtype:
     """--generation-dtype: `auto` is bf16 on a GPU (as fast as fp16 there, with fp32's range) and fp32 on the CPU."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return GENERATION_DTYPES[name]
+    return DTYPES[name]
 
 
 def compile_generation(args: argparse.Namespace, device: torch.device) -> bool:
@@ -329,7 +328,8 @@ def generate_synthetic(args: argparse.Namespace, run: Run, train_dataset, device
         num_inference_steps=args.num_inference_steps, acceleration=acceleration)
     manifest = generate_synthetic_images(train_dataset, augmentation, args.num_synthetic, run.synthetic_dir, run.seed,
                                          batch_size=args.generation_batch_size, accelerator=accelerator,
-                                         overwrite=args.overwrite_synthetic, shared_dirs=sibling_synthetic_dirs(args, run))
+                                         overwrite=args.overwrite_synthetic,
+                                         shared_dirs=sibling_synthetic_dirs(args, run))
     del augmentation  # the diffusion model leaves the GPU before the classifier trains
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -42,8 +42,8 @@ from semantic_aug.augmentations import (COMPOSERS, Choice, DiffusionSampler, Gen
 from semantic_aug.augmentations.generative_augmentation import check_strength_and_guidance, settings_digest
 from semantic_aug.embeddings import load_tokens, stable_seed
 from semantic_aug.prompts import read_prompt_csv
-from semantic_aug.utils import (StageTimer, UserError, atomic_path, atomic_save_image, atomic_write_csv,
-                                atomic_write_text, remove_stale_temporaries)
+from semantic_aug.utils import (DTYPES, StageTimer, UserError, atomic_path, atomic_save_image,
+                                atomic_write_csv, atomic_write_text, remove_stale_temporaries)
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +55,6 @@ CACHE_FORMAT = 1  # bump when the way images are made changes, so old caches are
 PNG_COMPRESS_LEVEL = 1  # zlib level: a cache written once and read a few times favours speed over size
 WRITER_THREADS = min(8, os.cpu_count() or 1)  # PNG encoding releases the GIL, so threads overlap it with the GPU
 PENDING_BATCHES = 2  # batches that may wait for their PNG writes before generation pauses (bounds memory)
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
 def synthetic_image_name(label: int, real_idx: int, synthetic_idx: int) -> str:

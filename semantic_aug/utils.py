@@ -27,6 +27,9 @@ import torch
 # Pillow recognises its content, so these are the documented minimum
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels become white when an image is flattened to RGB
+# torch dtypes by the names the generation flags take
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 # write failures that, like ENOSPC, mean the disk (or the process's share of it) is full
 DISK_LIMIT_ERRNOS = (errno.EDQUOT, errno.EFBIG)
 
