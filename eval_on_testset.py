@@ -18,9 +18,9 @@ import logging
 from pathlib import Path
 
 from semantic_aug.datasets import add_dataset_arguments, create_dataset, dataset_key, split_dataset_key
-from semantic_aug.few_shot_dataset import DEFAULT_IMAGE_SIZE, EVAL_SPLITS
-from semantic_aug.training import DEFAULT_EVAL_BATCH_SIZE, evaluate, load_classifier
-from semantic_aug.utils import HelpFormatter, UserError, atomic_write_csv, check_flag_minimum, pick_device, run_cli
+from semantic_aug.datasets.few_shot_dataset import DEFAULT_IMAGE_SIZE, EVAL_SPLITS
+from semantic_aug.stages.training import DEFAULT_EVAL_BATCH_SIZE, evaluate, load_classifier
+from semantic_aug.core.utils import HelpFormatter, UserError, atomic_write_csv, check_flag_minimum, pick_device, run_cli
 
 logger = logging.getLogger("eval_on_testset")
 

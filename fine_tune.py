@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 
 from semantic_aug.datasets import add_dataset_arguments, check_dataset_arguments, create_dataset
-from semantic_aug.embeddings import class_folder_name
-from semantic_aug.stable_diffusion import default_resolution, enable_compile_cache, load_sd_components, load_tokenizer
-from semantic_aug.textual_inversion_training import (TEMPLATES, ClassSpec, TextualInversionConfig,
+from semantic_aug.core.embeddings import class_folder_name
+from semantic_aug.core.stable_diffusion import default_resolution, enable_compile_cache, load_sd_components, load_tokenizer
+from semantic_aug.stages.textual_inversion_training import (TEMPLATES, ClassSpec, TextualInversionConfig,
                                                      TextualInversionTrainer)
-from semantic_aug.utils import (HelpFormatter, UserError, check_flag_minimum, make_output_dir, pick_device,
+from semantic_aug.core.utils import (HelpFormatter, UserError, check_flag_minimum, make_output_dir, pick_device,
                                 remove_stale_temporaries, run_cli, str2bool)
 
 logger = logging.getLogger("fine_tune")

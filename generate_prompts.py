@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 
 from semantic_aug.datasets import (DatasetChoices, add_dataset_module_argument, create_dataset, get_dataset_class,
                                    list_datasets)
-from semantic_aug.llm import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S, DTYPES, SHORT_NAMES, create_llm
-from semantic_aug.prompts import (CONTENT_STYLES, DEFAULT_CONTENT, generate_class_prompts, read_prompt_csv,
+from semantic_aug.stages.llm import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S, DTYPES, SHORT_NAMES, create_llm
+from semantic_aug.stages.prompts import (CONTENT_STYLES, DEFAULT_CONTENT, generate_class_prompts, read_prompt_csv,
                                   write_prompt_csv)
-from semantic_aug.utils import HelpFormatter, UserError, remove_interrupted_writes, run_cli
+from semantic_aug.core.utils import HelpFormatter, UserError, remove_interrupted_writes, run_cli
 
 logger = logging.getLogger("generate_prompts")
 

@@ -5,14 +5,14 @@
 
 Rows are methods, columns dataset × split × examples per class; cells are mean ± std over seeds in %, the
 best of each column in bold. `val` is the best validation accuracy during training (from the results CSVs);
-the test splits come from the test CSVs train_classifier.py writes after training. See semantic_aug/reporting.py.
+the test splits come from the test CSVs train_classifier.py writes after training. See semantic_aug/runner/reporting.py.
 """
 
 import argparse
 import logging
 
-from semantic_aug.reporting import GRID_COLUMNS, GRID_ROWS, build_report
-from semantic_aug.utils import HelpFormatter, run_cli
+from semantic_aug.runner.reporting import GRID_COLUMNS, GRID_ROWS, build_report
+from semantic_aug.core.utils import HelpFormatter, run_cli
 
 
 def parse_args() -> argparse.Namespace:

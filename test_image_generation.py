@@ -20,9 +20,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from semantic_aug.embeddings import add_tokens_to_text_encoder, load_tokens, stable_seed
-from semantic_aug.stable_diffusion import default_resolution, load_stable_diffusion
-from semantic_aug.utils import (HelpFormatter, UserError, atomic_save_image, atomic_write_csv, check_flag_minimum,
+from semantic_aug.core.embeddings import add_tokens_to_text_encoder, load_tokens, stable_seed
+from semantic_aug.core.stable_diffusion import default_resolution, load_stable_diffusion
+from semantic_aug.core.utils import (HelpFormatter, UserError, atomic_save_image, atomic_write_csv, check_flag_minimum,
                                 pick_device, run_cli)
 
 logger = logging.getLogger("test_image_generation")

@@ -32,17 +32,17 @@ from pathlib import Path
 
 import torch
 
-from semantic_aug.augmentations import COMPOSE_MODES, list_augmentations
-from semantic_aug.classifiers import FewShotClassifier, list_backbones
+from semantic_aug.stages.augmentations import COMPOSE_MODES, list_augmentations
+from semantic_aug.core.classifiers import FewShotClassifier, list_backbones
 from semantic_aug.datasets import (add_dataset_arguments, check_dataset_arguments, create_dataset, data_fingerprint,
                                    get_dataset_class)
-from semantic_aug.few_shot_dataset import FolderFewShotDataset
-from semantic_aug.filtering import (DEFAULT_FILTER_MODE, FILTER_BACKBONE, FILTER_CONFIDENCE_THRESHOLD, FILTER_MODE_HELP,
+from semantic_aug.datasets.few_shot_dataset import FolderFewShotDataset
+from semantic_aug.stages.filtering import (DEFAULT_FILTER_MODE, FILTER_BACKBONE, FILTER_CONFIDENCE_THRESHOLD, FILTER_MODE_HELP,
                                    FILTER_MODES)
-from semantic_aug.stable_diffusion import enable_compile_cache
-from semantic_aug.training import (classifier_filename, default_num_workers, evaluate, fit, load_classifier,
+from semantic_aug.core.stable_diffusion import enable_compile_cache
+from semantic_aug.stages.training import (classifier_filename, default_num_workers, evaluate, fit, load_classifier,
                                    results_csv_path, save_classifier, test_csv_path)
-from semantic_aug.utils import (DTYPES, HelpFormatter, UserError, atomic_write_csv, check_flag_minimum,
+from semantic_aug.core.utils import (DTYPES, HelpFormatter, UserError, atomic_write_csv, check_flag_minimum,
                                 pick_device, restart_marker, run_cli, set_seed, str2bool)
 
 logger = logging.getLogger("train_classifier")
@@ -251,9 +251,9 @@ def check_test_splits(args: argparse.Namespace) -> None:
 def check_run_inputs(args: argparse.Namespace, runs: list[Run]) -> None:
     """Read every input the runs need (data splits, token files, prompt CSV, filters) before the first image is
     generated or the first step trained, so that a missing file stops the command at once."""
-    from semantic_aug.augmentations.generative_augmentation import check_strength_and_guidance
-    from semantic_aug.filtering import check_filter_file, filter_path
-    from semantic_aug.synthetic import check_augmentation_inputs
+    from semantic_aug.stages.augmentations.generative_augmentation import check_strength_and_guidance
+    from semantic_aug.stages.filtering import check_filter_file, filter_path
+    from semantic_aug.stages.synthetic import check_augmentation_inputs
 
     if args.num_synthetic > 0 and runs:
         for strength in args.strength:
@@ -314,7 +314,7 @@ def compile_generation(args: argparse.Namespace, device: torch.device) -> bool:
 def generate_synthetic(args: argparse.Namespace, run: Run, train_dataset, device: torch.device, accelerator):
     """`--num-synthetic` images per real training image (cached in the run's synthetic folder); returns the manifest."""
     from semantic_aug.acceleration import Acceleration
-    from semantic_aug.synthetic import build_augmentation, generate_synthetic_images
+    from semantic_aug.stages.synthetic import build_augmentation, generate_synthetic_images
 
     acceleration = Acceleration(compile=compile_generation(args, device))
     acceleration.configure_process(device)  # cuDNN autotuning on a GPU, for this process
@@ -342,12 +342,12 @@ def attach_synthetic_images(args: argparse.Namespace, run: Run, train_dataset, m
     Returns:
         Per-image loss weights for `fit` (filter mode `loss`), else None.
     """
-    from semantic_aug.synthetic import synthetic_images_from_manifest
+    from semantic_aug.stages.synthetic import synthetic_images_from_manifest
 
     if not args.synthetic_filter:
         train_dataset.set_synthetic_images(synthetic_images_from_manifest(manifest))
         return None
-    from semantic_aug.filtering import add_filter_weights, apply_filter_mode, filter_path, load_filter, train_filter
+    from semantic_aug.stages.filtering import add_filter_weights, apply_filter_mode, filter_path, load_filter, train_filter
 
     if args.synthetic_filter == "train":  # trained like the classifier, on the same real images (kept if it exists)
         train_filter(args.dataset, run.seed, run.examples_per_class, data_dir=args.data_dir,

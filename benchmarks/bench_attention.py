@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from benchmarks.cuda_timing import cuda_time
 from semantic_aug.acceleration import sdpa_backends_by_name
-from semantic_aug.utils import UserError, run_cli
+from semantic_aug.core.utils import UserError, run_cli
 
 HEADS, TEXT_TOKENS = 8, 77
 SHAPES = [  # (name, query tokens, head dim, layers per UNet call)

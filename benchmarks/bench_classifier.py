@@ -1,4 +1,4 @@
-"""Benchmark the classifier training loop (`semantic_aug.training.fit`), data loading included.
+"""Benchmark the classifier training loop (`semantic_aug.stages.training.fit`), data loading included.
 
 Builds a Custom-COCO-sized few-shot set on disk (default: 23 classes x 8 real JPEGs + 10 synthetic PNGs each, at
 384x288, plus 2 validation images per class), then trains in two modes and prints training images/s:
@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from semantic_aug.classifiers import FewShotClassifier, list_backbones
-from semantic_aug.few_shot_dataset import FolderFewShotDataset
-from semantic_aug.training import autocast, default_num_workers, fit, to_model_layout
-from semantic_aug.utils import pick_device, run_cli
+from semantic_aug.core.classifiers import FewShotClassifier, list_backbones
+from semantic_aug.datasets.few_shot_dataset import FolderFewShotDataset
+from semantic_aug.stages.training import autocast, default_num_workers, fit, to_model_layout
+from semantic_aug.core.utils import pick_device, run_cli
 
 MODES = ("probe", "finetune")
 NOISE_SIDE = 16  # random pixels per side, upsampled: smooth pictures that compress like photos, not like noise

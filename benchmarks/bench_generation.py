@@ -35,12 +35,12 @@ from transformers import CLIPTextConfig
 
 from semantic_aug.acceleration import (ATTENTION_BACKENDS, COMPILE_MODES, DEFAULT_COMPILE_MODE,
                                        Acceleration)
-from semantic_aug.embeddings import add_tokens_to_text_encoder, load_tokens, save_tokens, token_name
-from semantic_aug.few_shot_dataset import FolderFewShotDataset
-from semantic_aug.stable_diffusion import (load_stable_diffusion, random_sd_v1_folder,
+from semantic_aug.core.embeddings import add_tokens_to_text_encoder, load_tokens, save_tokens, token_name
+from semantic_aug.datasets.few_shot_dataset import FolderFewShotDataset
+from semantic_aug.core.stable_diffusion import (load_stable_diffusion, random_sd_v1_folder,
                                            resolve_model_path)
-from semantic_aug.synthetic import DTYPES, build_augmentation, generate_synthetic_images
-from semantic_aug.utils import pick_device, run_cli
+from semantic_aug.stages.synthetic import DTYPES, build_augmentation, generate_synthetic_images
+from semantic_aug.core.utils import pick_device, run_cli
 
 RANDOM_SD = "sd-v1-random"  # --model name of the random-weight SD v1.4 architecture
 REAL_IMAGE_SIZE = (640, 480)  # (width, height) of a typical COCO photo

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from benchmarks.cuda_timing import cuda_time
 from semantic_aug.acceleration.fused_group_norm import run_kernels
-from semantic_aug.utils import UserError, run_cli
+from semantic_aug.core.utils import UserError, run_cli
 
 SHAPES = [  # (batch, channels, side): the UNet at 32 images (x2 for guidance), the VAE decoder at 8 images
     (64, 320, 64), (64, 640, 64), (64, 960, 64), (64, 640, 32), (64, 1920, 32), (64, 1280, 16), (64, 2560, 8),

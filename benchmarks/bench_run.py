@@ -40,8 +40,8 @@ from pathlib import Path
 
 import torch
 
-from semantic_aug.stable_diffusion import random_sd_v1_folder, resolve_model_path
-from semantic_aug.utils import run_cli
+from semantic_aug.core.stable_diffusion import random_sd_v1_folder, resolve_model_path
+from semantic_aug.core.utils import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET, SEED, EXAMPLES_PER_CLASS, NUM_CLASSES = "custom_coco", 0, 2, 23

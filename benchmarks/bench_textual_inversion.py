@@ -6,7 +6,7 @@ Measured in one run, on the same model and device:
   loaded and resized and encoded by the VAE at every step, fp16 autocast with a loss scaler, gradient
   checkpointing in the UNet and text encoder, AdamW over the whole 49k-row embedding matrix with the
   non-placeholder rows copied back after each step.
-* `fast`, `fast-cl`, `fast-compile`: `semantic_aug.textual_inversion_training` as `fine_tune.py` runs it: all
+* `fast`, `fast-cl`, `fast-compile`: `semantic_aug.stages.textual_inversion_training` as `fine_tune.py` runs it: all
   classes in one batch (4 samples per class), latents cached once, bf16, SDPA attention, no gradient
   checkpointing, per-row AdamW on the placeholder rows only; `-cl` adds channels-last UNet weights, `-compile`
   adds torch.compile (its compile time is part of the warm-up, reported separately).
@@ -38,12 +38,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from semantic_aug.datasets import create_dataset  # noqa: E402
-from semantic_aug.embeddings import class_folder_name  # noqa: E402
-from semantic_aug.stable_diffusion import build_random_sd_v1, default_resolution, load_sd_components  # noqa: E402
-from semantic_aug.textual_inversion_training import (OBJECT_TEMPLATES, ClassSpec, TextualInversionConfig,  # noqa: E402
+from semantic_aug.core.embeddings import class_folder_name  # noqa: E402
+from semantic_aug.core.stable_diffusion import build_random_sd_v1, default_resolution, load_sd_components  # noqa: E402
+from semantic_aug.stages.textual_inversion_training import (OBJECT_TEMPLATES, ClassSpec, TextualInversionConfig,  # noqa: E402
                                                      TextualInversionTrainer, enable_gradient_checkpointing,
                                                      preprocess_image)
-from semantic_aug.utils import UserError, pick_device, run_cli  # noqa: E402
+from semantic_aug.core.utils import UserError, pick_device, run_cli  # noqa: E402
 
 STAGE_CLASSES, STAGE_STEPS, STAGE_BATCH = 23, 1000, 4  # the paper's Custom COCO stage: classes × updates × samples
 TARGET_MINUTES, TARGET_SPEEDUP = 12.0, 8.0  # issue #4's targets for the fast path

@@ -16,8 +16,8 @@ import torch
 
 from semantic_aug.acceleration.fused_group_norm import fuse_group_norms
 from semantic_aug.acceleration.guidance_prefix import paired_halves, share_guidance_prefix
-from semantic_aug.stable_diffusion import build_random_sd_v1
-from semantic_aug.utils import UserError, run_cli
+from semantic_aug.core.stable_diffusion import build_random_sd_v1
+from semantic_aug.core.utils import UserError, run_cli
 
 ALLOWED_RATIO = 1.5  # the fused bf16 error may exceed plain bf16's by at most this factor
 

@@ -32,9 +32,9 @@ from benchmarks.bench_attention import sdpa_backends
 from benchmarks.cuda_timing import cuda_time
 from semantic_aug.acceleration import Acceleration, GroupNormLaunch, prefer_sdpa_backend
 from semantic_aug.acceleration.guidance_prefix import paired_halves
-from semantic_aug.augmentations.sampler import VAE_DECODE_CHUNK, DiffusionSampler
-from semantic_aug.stable_diffusion import random_sd_v1_folder
-from semantic_aug.utils import UserError, run_cli
+from semantic_aug.stages.augmentations.sampler import VAE_DECODE_CHUNK, DiffusionSampler
+from semantic_aug.core.stable_diffusion import random_sd_v1_folder
+from semantic_aug.core.utils import UserError, run_cli
 
 STEPS, STRENGTH, GUIDANCE = 50, 0.7, 15.0
 VARIANTS = {  # name -> the sampler's acceleration options (the attention backend is --attention)

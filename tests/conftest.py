@@ -34,7 +34,7 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_path() -> str:
     """Folder of the embedded tiny Stable Diffusion (built once per cache)."""
-    from semantic_aug.stable_diffusion import resolve_model_path
+    from semantic_aug.core.stable_diffusion import resolve_model_path
 
     return resolve_model_path("tiny")
 

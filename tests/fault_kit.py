@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from semantic_aug.datasets.focus import FOCUS_CLASSES
-from semantic_aug.embeddings import save_tokens, token_name
+from semantic_aug.core.embeddings import save_tokens, token_name
 
 CLASS_IN_REQUEST = re.compile(r'must contain the words "([^"]+)"')
 COUNT_IN_REQUEST = re.compile(r"Now write (\d+) new captions")

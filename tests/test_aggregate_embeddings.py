@@ -1,4 +1,4 @@
-"""Token files and DIAGen's `embedding_noise` (`semantic_aug.embeddings`, `aggregate_embeddings.py`)."""
+"""Token files and DIAGen's `embedding_noise` (`semantic_aug.core.embeddings`, `aggregate_embeddings.py`)."""
 
 import math
 from pathlib import Path
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from semantic_aug.datasets.custom_coco import CUSTOM_COCO_CLASSES
-from semantic_aug.embeddings import (LEARNED_EMBEDS_NAME, add_tokens_to_text_encoder, embedding_noise, load_tokens,
+from semantic_aug.core.embeddings import (LEARNED_EMBEDS_NAME, add_tokens_to_text_encoder, embedding_noise, load_tokens,
                                      noisy_token_name, save_learned_embeds, save_tokens, token_name, tokens_path)
-from semantic_aug.utils import UserError
+from semantic_aug.core.utils import UserError
 
 STD_DEVIATIONS = (0.005, 0.01, 0.025)  # the paper's σ
 SD_WIDTH = 768  # SD v1.x text embedding width
@@ -92,7 +92,7 @@ def test_load_tokens_names_each_problem(tmp_path):
 
 
 def test_add_tokens_to_text_encoder_gives_one_id_per_token_and_writes_the_vectors(tiny_model_path):
-    from semantic_aug.stable_diffusion import load_sd_components
+    from semantic_aug.core.stable_diffusion import load_sd_components
 
     tokenizer, text_encoder = load_sd_components(tiny_model_path)[:2]
     vocabulary = len(tokenizer)

@@ -9,11 +9,11 @@ import torch
 from PIL import Image
 
 from semantic_aug.acceleration import Acceleration, ReferenceRunner
-from semantic_aug.augmentations import (ComposeParallel, ComposeSequential, DiffusionSampler, RealGuidance,
+from semantic_aug.stages.augmentations import (ComposeParallel, ComposeSequential, DiffusionSampler, RealGuidance,
                                         TextualInversion, cycle_indices, get_augmentation_class, list_augmentations,
                                         noisy_tokens)
-from semantic_aug.embeddings import embedding_noise, save_tokens, token_name
-from semantic_aug.utils import UserError
+from semantic_aug.core.embeddings import embedding_noise, save_tokens, token_name
+from semantic_aug.core.utils import UserError
 
 CLASSES = ("car", "carrot", "cell_phone")
 STDS = (0.005, 0.01, 0.025)

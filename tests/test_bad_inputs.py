@@ -28,8 +28,8 @@ import torch
 from fault_kit import TINY_TEXT_WIDTH, FakeOpenAI, write_focus_layout, write_focus_tokens
 from semantic_aug.datasets.custom_coco import CUSTOM_COCO_CLASSES
 from semantic_aug.datasets.focus import FOCUS_CLASSES
-from semantic_aug.embeddings import LEARNED_EMBEDS_NAME, save_learned_embeds, token_name
-from semantic_aug.prompts import read_prompt_csv, write_prompt_csv
+from semantic_aug.core.embeddings import LEARNED_EMBEDS_NAME, save_learned_embeds, token_name
+from semantic_aug.stages.prompts import read_prompt_csv, write_prompt_csv
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_API_KEY = "sk-test-SECRET-bad-inputs-9f3kq2"
@@ -321,7 +321,7 @@ def test_help_of_every_script_never_shows_the_api_key(tmp_path):
 @pytest.fixture(scope="module")
 def nan_unet(tmp_path_factory, tiny_model_path) -> Path:
     """A UNet state dict of the tiny SD whose output layer is NaN: every loss is NaN, as after an fp16 overflow."""
-    from semantic_aug.stable_diffusion import load_sd_components
+    from semantic_aug.core.stable_diffusion import load_sd_components
 
     unet = load_sd_components(tiny_model_path)[3]
     state = {name: value.clone() for name, value in unet.state_dict().items()}

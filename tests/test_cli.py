@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO_ROOT
 
 SCRIPTS = ("fine_tune", "aggregate_embeddings", "generate_prompts", "train_classifier", "train_filter",
-           "eval_on_testset", "report", "test_image_generation", "semantic_aug.experiments")
+           "eval_on_testset", "report", "test_image_generation", "semantic_aug.runner")
 # commands of the reference DIAGen repository: its README's classifier command and aggregate_embeddings.py's
 # documented noise command
 REFERENCE_COMMANDS = [
@@ -110,7 +110,7 @@ def script_of(words: list[str]) -> tuple[str, list[str]]:
 def test_the_readme_has_the_pipeline_commands():
     scripts = {script_of(shlex.split(command))[0] for command in readme_commands()}
     assert {"fine_tune", "aggregate_embeddings", "generate_prompts", "train_filter", "train_classifier",
-            "semantic_aug.experiments", "report"} <= scripts
+            "semantic_aug.runner", "report"} <= scripts
 
 
 def readme_plugin_module(path: str) -> str:

@@ -13,8 +13,8 @@ from semantic_aug.datasets import DATASETS, create_dataset, list_datasets
 from semantic_aug.datasets.coco import COCODataset
 from semantic_aug.datasets.custom_coco import CUSTOM_COCO_CLASSES, CustomCOCO
 from semantic_aug.datasets.focus import FOCUS
-from semantic_aug.few_shot_dataset import FolderFewShotDataset, class_balanced_sampler
-from semantic_aug.utils import UserError
+from semantic_aug.datasets.few_shot_dataset import FolderFewShotDataset, class_balanced_sampler
+from semantic_aug.core.utils import UserError
 
 
 def write_folder_dataset(root: Path, classes, per_class: int, split="train-val", ext=".jpg", size=(40, 30)):

@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from semantic_aug.classifiers import FewShotClassifier
+from semantic_aug.core.classifiers import FewShotClassifier
 from semantic_aug.datasets.custom_coco import CUSTOM_COCO_CLASSES
-from semantic_aug.training import save_classifier
-from semantic_aug.utils import UserError
+from semantic_aug.stages.training import save_classifier
+from semantic_aug.core.utils import UserError
 from conftest import import_script
 
 PREDICTED = CUSTOM_COCO_CLASSES.index("book")

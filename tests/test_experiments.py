@@ -8,12 +8,12 @@ import pytest
 import yaml
 
 from semantic_aug.datasets.custom_coco import CUSTOM_COCO_CLASSES
-from semantic_aug import experiments
-from semantic_aug.experiments import Job, Scheduler, flag_arguments, load_config, plan_jobs
-from semantic_aug.executors import worker_slots
-from semantic_aug.grid_cost import STAGE_RATES, STAGES, grid_cost, simulate_wall_time
-from semantic_aug.prompts import write_prompt_csv
-from semantic_aug.utils import UserError
+from semantic_aug.runner import experiments
+from semantic_aug.runner.experiments import Job, Scheduler, flag_arguments, load_config, plan_jobs
+from semantic_aug.runner.executors import worker_slots
+from semantic_aug.runner.grid_cost import STAGE_RATES, STAGES, grid_cost, simulate_wall_time
+from semantic_aug.stages.prompts import write_prompt_csv
+from semantic_aug.core.utils import UserError
 
 SEEDS, EXAMPLES = (0, 1), (2, 4)
 
@@ -55,7 +55,7 @@ def touch(path: Path) -> None:
 
 
 def dry_run(module_runner, folder: Path, *extra: str) -> list[str]:
-    result = module_runner("-m", "semantic_aug.experiments", "--config", folder / "experiment.yaml", "--dry-run",
+    result = module_runner("-m", "semantic_aug.runner", "--config", folder / "experiment.yaml", "--dry-run",
                            "--gpus", "none", *extra, cwd=folder, check=True)
     return result.stdout.splitlines()
 
@@ -147,7 +147,7 @@ def test_dry_run_narrowed_to_a_method_plans_only_its_prerequisites(tmp_path, mon
 
 def test_config_errors(tmp_path, monkeypatch, module_runner):
     write_config(tmp_path, methods={"bad": {"logdir": "somewhere"}})
-    result = module_runner("-m", "semantic_aug.experiments", "--config", tmp_path / "experiment.yaml", "--dry-run",
+    result = module_runner("-m", "semantic_aug.runner", "--config", tmp_path / "experiment.yaml", "--dry-run",
                            cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.startswith("error: logdir in the train_classifier flags")
     assert "Traceback" not in result.stderr
@@ -244,7 +244,7 @@ def test_a_real_grid_runs_logs_reports_and_resumes(tmp_path, module_runner):
                  train_classifier={"classifier-backbone": "efficientnet_lite0", "image-size": 32,
                                    "iterations-per-epoch": 2, "num-epochs": 1, "batch-size": 8})
     cpu_only = ("--gpus", "none")
-    result = module_runner("-m", "semantic_aug.experiments", "--config", tmp_path / "experiment.yaml", *cpu_only,
+    result = module_runner("-m", "semantic_aug.runner", "--config", tmp_path / "experiment.yaml", *cpu_only,
                            cwd=tmp_path, check=True)
     run = tmp_path / "RESULTS/custom_coco_1epc/baseline"
     assert (run / "logs/results_custom_coco_0_1.csv").is_file() and (run / "test/test_results_custom_coco_0_1.csv").is_file()
@@ -256,7 +256,7 @@ def test_a_real_grid_runs_logs_reports_and_resumes(tmp_path, module_runner):
 
     # a rerun finds the run done: nothing is started, the log is not appended to
     before = log.read_text()
-    result = module_runner("-m", "semantic_aug.experiments", "--config", tmp_path / "experiment.yaml", *cpu_only,
+    result = module_runner("-m", "semantic_aug.runner", "--config", tmp_path / "experiment.yaml", *cpu_only,
                            "--no-report", cwd=tmp_path, check=True)
     assert "1 jobs (1 already done)" in result.stderr and log.read_text() == before
 

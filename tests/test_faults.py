@@ -35,10 +35,10 @@ from PIL import Image
 
 from fault_kit import FakeOpenAI, write_focus_layout, write_focus_tokens
 from semantic_aug.datasets.focus import FOCUS_CLASSES
-from semantic_aug.embeddings import LEARNED_EMBEDS_NAME, load_tokens
-from semantic_aug.filtering import load_filter
-from semantic_aug.prompts import read_prompt_csv
-from semantic_aug.training import load_classifier
+from semantic_aug.core.embeddings import LEARNED_EMBEDS_NAME, load_tokens
+from semantic_aug.stages.filtering import load_filter
+from semantic_aug.stages.prompts import read_prompt_csv
+from semantic_aug.stages.training import load_classifier
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KILL_SEED = 9  # seeds every kill point of this file
@@ -50,7 +50,7 @@ KILL_JITTER_S = 0.05  # extra random delay after a kill point's file appears, so
 WORK_LEFT_AFTER_KILL = 5  # checkpoints / images still to come after a kill point, so the run is surely alive
 TRAINING_ITERATIONS = (10, 4)  # iterations per epoch, epochs of the classifier and filter runs
 ITERATIONS_LEFT_AFTER_KILL = 15  # training iterations still to come after a kill point
-TRAIN_PROGRESS = re.compile(r"train:\s+\d+%\|[^|]*\|\s*(\d+)/\d+")  # the tqdm bar of semantic_aug.training.fit
+TRAIN_PROGRESS = re.compile(r"train:\s+\d+%\|[^|]*\|\s*(\d+)/\d+")  # the tqdm bar of semantic_aug.stages.training.fit
 
 
 def stage_rng(stage: str) -> np.random.Generator:
@@ -136,7 +136,7 @@ def temporaries(root: Path) -> list[str]:
 
 
 def plant_interrupted_write(target: Path) -> None:
-    """Leave what a kill inside `semantic_aug.utils.atomic_path`'s write of `target` leaves: a hidden partial file."""
+    """Leave what a kill inside `semantic_aug.core.utils.atomic_path`'s write of `target` leaves: a hidden partial file."""
     target.parent.mkdir(parents=True, exist_ok=True)
     (target.parent / f".{target.name}.killed{target.suffix}.tmp").write_bytes(b"half a file")
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from semantic_aug.classifiers import FewShotClassifier
+from semantic_aug.core.classifiers import FewShotClassifier
 from semantic_aug.datasets.custom_coco import CustomCOCO
-from semantic_aug.filtering import (FILTER_CONFIDENCE_THRESHOLD, FilterModel, add_filter_weights, apply_filter_mode,
+from semantic_aug.stages.filtering import (FILTER_CONFIDENCE_THRESHOLD, FilterModel, add_filter_weights, apply_filter_mode,
                                     calibration_metrics, expected_calibration_error, filter_path, filter_weights,
                                     fit_temperature, load_filter, normalise_sibling_weights, save_filter,
                                     score_synthetic_images, scoring_transform)
-from semantic_aug.utils import UserError
+from semantic_aug.core.utils import UserError
 from conftest import import_script
 
 
@@ -244,7 +244,7 @@ def test_filter_mode_threshold_drops_low_confidence_images():
 def test_filter_modes_reach_the_training_draws(tmp_path):
     """The modes' outputs plug into the shared training loop: sampling never picks a zero-weight sibling,
     loss mode hands each synthetic draw its weight."""
-    from semantic_aug.training import TrainingData
+    from semantic_aug.stages.training import TrainingData
 
     paths = write_images(tmp_path, 5)
     manifest = scored_manifest().assign(path=[str(p) for p in paths])
@@ -330,7 +330,7 @@ def trained_filter(tmp_path_factory):
     afterwards.
     """
     from semantic_aug.datasets import DATASETS, register_dataset
-    from semantic_aug.few_shot_dataset import FolderFewShotDataset
+    from semantic_aug.datasets.few_shot_dataset import FolderFewShotDataset
 
     work = tmp_path_factory.mktemp("filter")
     shipped = Path(CustomCOCO.default_data_dir) / "train-val"
@@ -384,7 +384,7 @@ def noise_generator(trained_filter):
     """(make, train split): `make()` runs DIAGen's generation (img2img from every real training image of the
     filter's split, the real code path) with the tiny SD, whose outputs are noise, and returns the manifest."""
     from semantic_aug.datasets import create_dataset
-    from semantic_aug.synthetic import build_augmentation, generate_synthetic_images
+    from semantic_aug.stages.synthetic import build_augmentation, generate_synthetic_images
 
     _, _, work = trained_filter
     train = create_dataset(CHECK_DATASET, split="train", examples_per_class=CHECK_EPC, seed=0, data_dir=work / "data",
@@ -429,7 +429,7 @@ def test_a_rerun_reuses_the_scores_in_the_manifest(trained_filter, noise_generat
     filter_model = load_filter(filter_path(work / "models", CHECK_DATASET, 0, CHECK_EPC), "cpu")
     manifest_path = work / "synthetic" / "manifest.csv"
     first = add_filter_weights(make_noise(), filter_model, train, seed=0, manifest_path=manifest_path, progress=False)
-    with caplog.at_level("INFO", logger="semantic_aug.filtering"):  # a rerun: the generator reuses its images
+    with caplog.at_level("INFO", logger="semantic_aug.stages.filtering"):  # a rerun: the generator reuses its images
         again = add_filter_weights(make_noise(), filter_model, train, seed=0, manifest_path=manifest_path,
                                    progress=False)
     np.testing.assert_allclose(again["confidence"], first["confidence"])

@@ -1,4 +1,4 @@
-"""Textual Inversion (`fine_tune.py`, `semantic_aug.textual_inversion_training`) on the tiny SD, on the CPU.
+"""Textual Inversion (`fine_tune.py`, `semantic_aug.stages.textual_inversion_training`) on the tiny SD, on the CPU.
 
 Images are 32 px (latents 16×16) and batches one or two samples per class, so each training step takes tens of
 milliseconds.
@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import accelerate_launch
-from semantic_aug.embeddings import LEARNED_EMBEDS_NAME, LEARNED_EMBEDS_SAFE_NAME, load_tokens
-from semantic_aug.textual_inversion_training import (OBJECT_TEMPLATES, ClassSpec, PerRowAdamW, TextualInversionConfig,
+from semantic_aug.core.embeddings import LEARNED_EMBEDS_NAME, LEARNED_EMBEDS_SAFE_NAME, load_tokens
+from semantic_aug.stages.textual_inversion_training import (OBJECT_TEMPLATES, ClassSpec, PerRowAdamW, TextualInversionConfig,
                                                      TextualInversionTrainer, find_checkpoints)
-from semantic_aug.utils import UserError
+from semantic_aug.core.utils import UserError
 
 RESOLUTION = 32  # smallest size the tiny UNet's two levels take (latents 16×16)
 CLASSES = ("car", "carrot")  # names that share a prefix: tokens must still be kept apart
@@ -36,7 +36,7 @@ def accelerator():
 @pytest.fixture
 def parts(tiny_model_path):
     """Fresh tiny SD parts (tokenizer, text_encoder, vae, unet, noise_scheduler) for each test."""
-    from semantic_aug.stable_diffusion import load_sd_components
+    from semantic_aug.core.stable_diffusion import load_sd_components
 
     return load_sd_components(tiny_model_path)
 
@@ -119,7 +119,7 @@ def reference_textual_inversion_updates(tiny_model_path, images, draws, learning
     """The reference loop (diffusers' textual_inversion example), written out: AdamW over the whole input-embedding
     matrix, every other row restored after each step. `draws` supply the random choices (image, flip, template,
     timestep, noise, posterior ε) of each update. Returns the placeholder's row after the updates."""
-    from semantic_aug.stable_diffusion import load_sd_components
+    from semantic_aug.core.stable_diffusion import load_sd_components
 
     tokenizer, text_encoder, vae, unet, noise_scheduler = load_sd_components(tiny_model_path)
     tokenizer.add_tokens(["<car>"])
@@ -262,7 +262,7 @@ def test_a_checkpoint_from_other_settings_is_refused(parts, accelerator, tmp_pat
 
 def test_the_safetensors_file_loads_with_diffusers_load_textual_inversion(parts, accelerator, tmp_path,
                                                                           tiny_model_path):
-    from semantic_aug.stable_diffusion import load_stable_diffusion
+    from semantic_aug.core.stable_diffusion import load_stable_diffusion
 
     learned = make_trainer(parts, accelerator, max_train_steps=1).learn(class_specs(tmp_path), seed=0)
     assert (tmp_path / "car" / LEARNED_EMBEDS_SAFE_NAME).is_file()
@@ -286,7 +286,7 @@ def test_unet_ckpt_is_loaded_and_a_bad_one_is_named(script_module, tmp_path, tin
     with pytest.raises(UserError, match="junk.pt"):
         fine_tune.read_state_dict(str(tmp_path / "junk.pt"))
 
-    from semantic_aug.stable_diffusion import load_sd_components
+    from semantic_aug.core.stable_diffusion import load_sd_components
 
     zeros = {key: torch.zeros_like(value) for key, value in load_sd_components(tiny_model_path)[3].state_dict().items()}
     torch.save(zeros, tmp_path / "zeros.pt")

@@ -11,9 +11,9 @@ from diffusers.models.attention_processor import Attention
 from semantic_aug.acceleration import Acceleration
 from semantic_aug.acceleration.flash_attention4 import (FlashAttention4Processor, check_flash_attention4,
                                                         flash_attention4_preferred, use_flash_attention4)
-from semantic_aug.augmentations.sampler import DiffusionSampler
-from semantic_aug.stable_diffusion import load_sd_components
-from semantic_aug.utils import UserError
+from semantic_aug.stages.augmentations.sampler import DiffusionSampler
+from semantic_aug.core.stable_diffusion import load_sd_components
+from semantic_aug.core.utils import UserError
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import torch
 from semantic_aug.acceleration import fused_group_norm
 from semantic_aug.acceleration.fused_group_norm import (FusedGroupNorm, GroupNormLaunch, fuse_group_norms, group_norm,
                                                         kernels_apply)
-from semantic_aug.stable_diffusion import load_sd_components
+from semantic_aug.core.stable_diffusion import load_sd_components
 
 pytestmark = pytest.mark.skipif(fused_group_norm.triton is None, reason="Triton is not installed")
 

@@ -5,8 +5,8 @@ import torch
 
 from semantic_aug.acceleration import Acceleration, StaticBatches
 from semantic_aug.acceleration.guidance_prefix import paired_halves, share_guidance_prefix
-from semantic_aug.augmentations.sampler import DiffusionSampler
-from semantic_aug.stable_diffusion import load_sd_components
+from semantic_aug.stages.augmentations.sampler import DiffusionSampler
+from semantic_aug.core.stable_diffusion import load_sd_components
 
 
 def tiny_unet_inputs(unet, seed: int = 0):

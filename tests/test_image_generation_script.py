@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from semantic_aug.embeddings import save_tokens
-from semantic_aug.utils import UserError
+from semantic_aug.core.embeddings import save_tokens
+from semantic_aug.core.utils import UserError
 from conftest import import_script
 
 TINY_WIDTH = 32  # the tiny SD's text encoder width

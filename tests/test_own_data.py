@@ -17,8 +17,8 @@ from PIL import Image
 from conftest import REPO_ROOT, import_script
 from semantic_aug.datasets import check_dataset_arguments, create_dataset, dataset_key
 from semantic_aug.datasets.folder import FolderDataset
-from semantic_aug.synthetic import dataset_settings
-from semantic_aug.utils import UserError
+from semantic_aug.stages.synthetic import dataset_settings
+from semantic_aug.core.utils import UserError
 
 CLASSES = ("big cat", "dog", "tree")  # sorted, as the folder dataset orders them
 EXIF_ORIENTATION = 0x0112
@@ -85,7 +85,7 @@ def test_folder_dataset_reads_every_format_with_exif_and_one_rgb_rule(own_data, 
     # alpha is composited onto white: a fully transparent pixel loads white
     transparent = own_data.parent / "transparent.png"
     Image.new("RGBA", (4, 4), (10, 20, 30, 0)).save(transparent)
-    from semantic_aug.utils import load_image
+    from semantic_aug.core.utils import load_image
 
     assert load_image(transparent).getpixel((0, 0)) == (255, 255, 255)
 
@@ -160,12 +160,12 @@ def test_two_folders_with_the_same_classes_share_no_cache_and_a_copy_shares_all(
     assert settings[0]["data_fingerprint"] != settings[1]["data_fingerprint"] and settings[0] == settings[2]
 
     # the runner's "finished" test looks at the fingerprinted paths
-    from semantic_aug.experiments import plan_jobs
+    from semantic_aug.runner.experiments import plan_jobs
 
     config_path = tmp_path / "own.yaml"
     config_path.write_text(f"dataset: folder\ndata_dir: {first}\nseeds: [0]\nexamples_per_class: [2]\n"
                            f"methods:\n  da-fusion: {{aug: textual-inversion}}\n")
-    from semantic_aug.experiments import load_config
+    from semantic_aug.runner.experiments import load_config
 
     outputs = [{str(p) for job in plan_jobs({**load_config(config_path), "data_dir": str(folder)}) for p in job.outputs}
                for folder in (first, second)]
@@ -177,7 +177,7 @@ def test_plugin_routes_find_a_dataset_module_outside_the_checkout(tmp_path, repo
     data = write_own_data(tmp_path / "pets_data")
     (tmp_path / "my_pets.py").write_text(
         "from semantic_aug.datasets import register_dataset\n"
-        "from semantic_aug.few_shot_dataset import FolderFewShotDataset\n\n\n"
+        "from semantic_aug.datasets.few_shot_dataset import FolderFewShotDataset\n\n\n"
         "@register_dataset('pets')\n"
         "class Pets(FolderFewShotDataset):\n"
         f"    class_names = {CLASSES!r}\n")
@@ -208,8 +208,8 @@ def test_plugin_routes_find_a_dataset_module_outside_the_checkout(tmp_path, repo
 
 
 def test_eval_takes_the_run_from_the_checkpoint(own_data, tmp_path, monkeypatch):
-    from semantic_aug.classifiers import FewShotClassifier
-    from semantic_aug.training import save_classifier
+    from semantic_aug.core.classifiers import FewShotClassifier
+    from semantic_aug.stages.training import save_classifier
 
     eval_script = import_script("eval_on_testset")
     key = dataset_key("folder", own_data)

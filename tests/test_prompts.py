@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from semantic_aug.prompts import (CONTENT_STYLES, build_messages, generate_class_prompts, parse_llm_prompts,
+from semantic_aug.stages.prompts import (CONTENT_STYLES, build_messages, generate_class_prompts, parse_llm_prompts,
                                   read_prompt_csv, write_prompt_csv)
-from semantic_aug.utils import UserError
+from semantic_aug.core.utils import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -320,7 +320,7 @@ def smollm2():
     135M model's generation about ten times slower."""
     import torch
 
-    from semantic_aug.llm import create_llm
+    from semantic_aug.stages.llm import create_llm
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -358,7 +358,7 @@ def _fake_split_packages(root: Path, parts: list[bytes]) -> None:
 def test_split_gguf_is_joined_once_and_checked(tmp_path, monkeypatch):
     from dataclasses import replace
 
-    from semantic_aug.llm import SplitGGUF, assemble_split_gguf
+    from semantic_aug.stages.llm import SplitGGUF, assemble_split_gguf
 
     parts = [b"GGUF" + b"a" * 6, b"b" * 10, b"c" * 3]
     _fake_split_packages(tmp_path / "site", parts)
@@ -384,8 +384,8 @@ def test_split_gguf_is_joined_once_and_checked(tmp_path, monkeypatch):
 
 
 def test_model_names_resolve_to_backends(tmp_path):
-    from semantic_aug.llm import create_llm, is_api_model
-    from semantic_aug.prompts import request_seed
+    from semantic_aug.stages.llm import create_llm, is_api_model
+    from semantic_aug.stages.prompts import request_seed
 
     assert is_api_model("gpt-4o") and is_api_model("llama3", base_url="http://127.0.0.1:1/v1")
     assert not is_api_model("smollm2") and not is_api_model("Llama-2-7b-chat-hf")

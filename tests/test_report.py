@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from semantic_aug.reporting import build_report, collect_accuracies, summarize
-from semantic_aug.utils import UserError
+from semantic_aug.runner.reporting import build_report, collect_accuracies, summarize
+from semantic_aug.core.utils import UserError
 
 DATASET = "custom_coco"
 CLASS_NAMES = ("Bench", "Bicycle")

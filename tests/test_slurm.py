@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from semantic_aug.datasets.custom_coco import CUSTOM_COCO_CLASSES
-from semantic_aug.prompts import write_prompt_csv
+from semantic_aug.stages.prompts import write_prompt_csv
 from slurm_cluster import SlurmCluster, missing_reason
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm,
@@ -48,7 +48,7 @@ def write_grid(folder: Path, repo_root: Path) -> Path:
 
 
 def runner(folder: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "semantic_aug.experiments", "--config", str(folder / "grid.yaml"), "--gpus", "none",
+    return [sys.executable, "-m", "semantic_aug.runner", "--config", str(folder / "grid.yaml"), "--gpus", "none",
             *extra]
 
 

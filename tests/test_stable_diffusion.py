@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from semantic_aug.stable_diffusion import (CLIP_MAX_LENGTH, build_tiny_stable_diffusion, load_sd_components,
+from semantic_aug.core.stable_diffusion import (CLIP_MAX_LENGTH, build_tiny_stable_diffusion, load_sd_components,
                                            load_stable_diffusion, load_tokenizer, resolve_model_path)
-from semantic_aug.utils import UserError
+from semantic_aug.core.utils import UserError
 
 
 def test_real_tokenizer_adds_bench_as_one_token():

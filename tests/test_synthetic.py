@@ -16,12 +16,12 @@ import torch
 from PIL import Image
 
 from conftest import accelerate_launch
-from semantic_aug.embeddings import embedding_noise, save_tokens, token_name
-from semantic_aug.few_shot_dataset import FolderFewShotDataset
-from semantic_aug.prompts import write_prompt_csv
-from semantic_aug.synthetic import (MANIFEST_COLUMNS, build_augmentation, generate_synthetic_images,
+from semantic_aug.core.embeddings import embedding_noise, save_tokens, token_name
+from semantic_aug.datasets.few_shot_dataset import FolderFewShotDataset
+from semantic_aug.stages.prompts import write_prompt_csv
+from semantic_aug.stages.synthetic import (MANIFEST_COLUMNS, build_augmentation, generate_synthetic_images,
                                     synthetic_images_from_manifest)
-from semantic_aug.utils import UserError
+from semantic_aug.core.utils import UserError
 
 CLASSES = ("car", "carrot", "cell_phone")  # `car` is a prefix of `carrot`: token names must match exactly
 REAL_SIZES = ((40, 30), (33, 57))  # (width, height) of each class's two real images

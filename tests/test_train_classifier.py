@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from semantic_aug.datasets.custom_coco import CUSTOM_COCO_CLASSES
-from semantic_aug.embeddings import save_tokens, token_name
-from semantic_aug.training import RESULTS_COLUMNS, TEST_COLUMNS, load_classifier
-from semantic_aug.utils import UserError
+from semantic_aug.core.embeddings import save_tokens, token_name
+from semantic_aug.stages.training import RESULTS_COLUMNS, TEST_COLUMNS, load_classifier
+from semantic_aug.core.utils import UserError
 
 SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # tiny models; shared CPUs thrash with more threads
 QUICK = ["--classifier-backbone", "efficientnet_lite0", "--image-size", "32", "--iterations-per-epoch", "2",

@@ -1,4 +1,4 @@
-"""The training loop of semantic_aug.training on toy colour datasets: the batched transform against torchvision's,
+"""The training loop of semantic_aug.stages.training on toy colour datasets: the batched transform against torchvision's,
 synthetic replacement and filter weights, best-epoch selection, results tables and checkpoint files."""
 
 import math
@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from semantic_aug.classifiers import BACKBONES, Backbone, FewShotClassifier, register_backbone
-from semantic_aug.few_shot_dataset import FolderFewShotDataset, build_transform
-from semantic_aug.training import (CACHE_SCALE, RESULTS_COLUMNS, TEST_COLUMNS, TrainingData, build_image_cache,
+from semantic_aug.core.classifiers import BACKBONES, Backbone, FewShotClassifier, register_backbone
+from semantic_aug.datasets.few_shot_dataset import FolderFewShotDataset, build_transform
+from semantic_aug.stages.training import (CACHE_SCALE, RESULTS_COLUMNS, TEST_COLUMNS, TrainingData, build_image_cache,
                                    cache_dataset, classifier_filename, evaluate, fit, load_classifier, make_optimizer,
                                    sample_crop_boxes, save_classifier, warp_images)
-from semantic_aug.utils import UserError
+from semantic_aug.core.utils import UserError
 
 IMAGE_SIZE = 16
 COLOURS = {"red": (230, 20, 20), "blue": (20, 20, 230), "green": (20, 230, 20)}

@@ -1,4 +1,4 @@
-"""How fast the diffusion models run, kept apart from what they compute (`semantic_aug.augmentations.sampler`).
+"""How fast the diffusion models run, kept apart from what they compute (`semantic_aug.stages.augmentations.sampler`).
 
 `Acceleration` holds every switch (compilation with static batches, the attention backend with FlashAttention-4,
 fused QKV projections, the shared guidance prefix, fused GroupNorm kernels, channels_last, pinned-memory copies,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from semantic_aug.utils import UserError
+from semantic_aug.core.utils import UserError
 
 # Where it beats cuDNN on the H200 (`benchmarks/bench_attention.py`): self-attention at head dimension 40, which
 # cuDNN pads to 64 and FlashAttention-4 tiles at 48 (64² in SD v1: 4.00 against 4.42 ms a layer). At head

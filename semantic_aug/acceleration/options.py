@@ -15,7 +15,7 @@ import torch
 
 from semantic_aug.acceleration.fused_group_norm import DEFAULT_LAUNCH, GroupNormLaunch
 from semantic_aug.acceleration.runner import AcceleratedRunner, ReferenceRunner
-from semantic_aug.utils import UserError
+from semantic_aug.core.utils import UserError
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DEFAULT_COMPILE_MODE = "default"  # max-autotune spent >8 min autotuning SD v1.4 GEMMs on an H100

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from semantic_aug.datasets.registry import register_dataset
-from semantic_aug.few_shot_dataset import FewShotDataset
-from semantic_aug.utils import UserError, load_image
+from semantic_aug.datasets.few_shot_dataset import FewShotDataset
+from semantic_aug.core.utils import UserError, load_image
 
 COCO_SPLIT_SOURCES = {"train": "train2017", "val": "train2017", "test": "val2017"}
 TRAIN_POOL_SIZE = 16  # the largest examples_per_class of the paper's grid; val starts after it

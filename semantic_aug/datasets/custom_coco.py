@@ -7,7 +7,7 @@ A downscaled copy ships in `semantic_aug/datasets/custom_coco/{train-val,test}`;
 from pathlib import Path
 
 from semantic_aug.datasets.registry import register_dataset
-from semantic_aug.few_shot_dataset import FolderFewShotDataset
+from semantic_aug.datasets.few_shot_dataset import FolderFewShotDataset
 
 CUSTOM_COCO_CLASSES = (
     "bench", "bicycle", "book", "bottle", "bowl", "car", "cell_phone", "chair", "clock", "computer_mouse", "cup",

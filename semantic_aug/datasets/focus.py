@@ -5,7 +5,7 @@ output folder as `data_dir` (CLI `--data-dir`, or `$FOCUS_DIR`).
 """
 
 from semantic_aug.datasets.registry import register_dataset
-from semantic_aug.few_shot_dataset import FolderFewShotDataset
+from semantic_aug.datasets.few_shot_dataset import FolderFewShotDataset
 
 FOCUS_CLASSES = ("bird", "car", "cat", "deer", "dog", "frog", "horse", "plane", "ship", "truck")
 

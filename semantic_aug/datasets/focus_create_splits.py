@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from semantic_aug.datasets.focus import FOCUS_CLASSES
-from semantic_aug.utils import IMAGE_EXTENSIONS, UserError, run_cli
+from semantic_aug.core.utils import IMAGE_EXTENSIONS, UserError, run_cli
 
 TRAIN_VAL_PER_CLASS = 108  # as in DIAGen's FOCUS split
 

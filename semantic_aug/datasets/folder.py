@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 
 from semantic_aug.datasets.registry import register_dataset
-from semantic_aug.embeddings import class_folder_name
-from semantic_aug.few_shot_dataset import EVAL_SPLITS, TRAIN_SPLIT, FolderFewShotDataset
-from semantic_aug.utils import UserError
+from semantic_aug.core.embeddings import class_folder_name
+from semantic_aug.datasets.few_shot_dataset import EVAL_SPLITS, TRAIN_SPLIT, FolderFewShotDataset
+from semantic_aug.core.utils import UserError
 
 
 @register_dataset("folder")

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from semantic_aug.utils import UserError
+from semantic_aug.core.utils import UserError
 
 DATASETS: dict[str, type] = {}
 ENTRY_POINT_GROUP = "diagen.datasets"
@@ -171,7 +171,7 @@ def add_dataset_arguments(parser, default: str = "custom_coco", purpose: str = "
         default: the default `--dataset` (the reference's default differs between scripts).
         purpose: the start of `--dataset`'s help text.
     """
-    from semantic_aug.few_shot_dataset import TRAIN_POOL_SIZE, add_bad_images_argument
+    from semantic_aug.datasets.few_shot_dataset import TRAIN_POOL_SIZE, add_bad_images_argument
 
     parser.add_argument("--dataset", default=default, choices=DatasetChoices(list_datasets()),
                         help=f"{purpose}; `folder` reads the classes from --data-dir/train-val/ (default: %(default)s)")
@@ -206,7 +206,7 @@ def check_dataset_arguments(args, examples_per_class=()) -> None:
         args: parsed flags with `dataset`, `data_dir` and optionally `train_pool_size`, `bad_images`.
         examples_per_class: the run's examples per class (`--examples-per-class`).
     """
-    from semantic_aug.few_shot_dataset import FolderFewShotDataset
+    from semantic_aug.datasets.few_shot_dataset import FolderFewShotDataset
 
     args.dataset = dataset_key(args.dataset, args.data_dir)
     examples_per_class = [e for e in (examples_per_class or []) if e is not None]

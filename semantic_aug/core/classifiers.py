@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from semantic_aug.utils import UserError
+from semantic_aug.core.utils import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -22,9 +22,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from semantic_aug.augmentations.sampler import DiffusionSampler, GeneratedImages
-from semantic_aug.embeddings import stable_seed
-from semantic_aug.utils import UserError
+from semantic_aug.stages.augmentations.sampler import DiffusionSampler, GeneratedImages
+from semantic_aug.core.embeddings import stable_seed
+from semantic_aug.core.utils import UserError
 
 DEFAULT_PROMPT = "a photo of a {name}"
 

@@ -30,7 +30,7 @@ import zlib
 from pathlib import Path
 from typing import Sequence
 
-from semantic_aug.utils import UserError, atomic_write_text
+from semantic_aug.core.utils import UserError, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ def generate_class_prompts(llm, class_name: str, num_prompts: int, content: str 
     it is generated alone or after other classes.
 
     Args:
-        llm: a `semantic_aug.llm.ChatModel`.
+        llm: a `semantic_aug.stages.llm.ChatModel`.
         class_name: the dataset class.
         num_prompts: how many prompts the class needs.
         content: the prompt style, one of `CONTENT_STYLES`.

@@ -1,7 +1,7 @@
 """The paper's experiment grid: methods × seeds × examples per class, run through the repository's scripts.
 
-    python -m semantic_aug.experiments --config experiments/custom_coco.yaml --dry-run   # print the commands
-    python -m semantic_aug.experiments --config experiments/custom_coco.yaml             # run them
+    python -m semantic_aug.runner --config experiments/custom_coco.yaml --dry-run   # print the commands
+    python -m semantic_aug.runner --config experiments/custom_coco.yaml             # run them
 
 A YAML config (see experiments/*.yaml) names the dataset, the seeds and examples per class, the flags of each
 script, and the methods: each method is a set of `train_classifier.py` flags on top of the common ones.
@@ -14,11 +14,11 @@ The runner plans one job per script call:
    `{results_dir}/{dataset}_{epc}epc/{method}/logs`, the layout `report.py` reads.
 
 A job whose outputs exist is skipped, so a rerun resumes the grid. `plan_jobs` is the whole plan; an executor
-(`semantic_aug.executors`) runs it: `--executor local` runs `--jobs-per-gpu` jobs at a time on each GPU
+(`semantic_aug.runner.executors`) runs it: `--executor local` runs `--jobs-per-gpu` jobs at a time on each GPU
 (`CUDA_VISIBLE_DEVICES` names the GPU; the scripts then use "their" GPU 0), or one at a time on a CPU-only
 machine; `--executor slurm` submits the jobs to a Slurm cluster through submitit, prerequisites as Slurm
 dependencies. Each job writes its own log file (appended to on reruns). When the grid is done the report
-(`semantic_aug.reporting`) is built from the results folder.
+(`semantic_aug.runner.reporting`) is built from the results folder.
 
 Flags in the config: a key is the script's flag without `--`, spelled as the script spells it
 (`pretrained_model_name_or_path`, `use-embedding-noise`, `synthetic_filter`); `true` passes the bare flag,
@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from semantic_aug.executors import (REPO_ROOT, Scheduler, SlurmExecutor, SlurmSettings, describe_submissions,
+from semantic_aug.runner.executors import (REPO_ROOT, Scheduler, SlurmExecutor, SlurmSettings, describe_submissions,
                                     visible_gpus, worker_slots)
-from semantic_aug.utils import HelpFormatter, UserError, run_cli, str2bool
+from semantic_aug.core.utils import HelpFormatter, UserError, str2bool
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ def method_needs(flags: dict) -> MethodNeeds:
 def _prompts_cover_classes(path: Path, dataset: str) -> bool:
     """Whether the prompt CSV has prompts for every class of `dataset` (classes known without loading it)."""
     from semantic_aug.datasets import get_dataset_class
-    from semantic_aug.prompts import read_prompt_csv
+    from semantic_aug.stages.prompts import read_prompt_csv
 
     try:
         read_prompt_csv(path, list(get_dataset_class(dataset).class_names) or None)
@@ -263,7 +263,7 @@ def _prompts_cover_classes(path: Path, dataset: str) -> bool:
 
 
 def _tokens_file(dataset: str, seed: int, examples_per_class: int, noise: bool) -> Path:
-    from semantic_aug.embeddings import tokens_path
+    from semantic_aug.core.embeddings import tokens_path
 
     return Path(tokens_path(dataset, seed, examples_per_class, noise=noise, root=TOKENS_ROOT))
 
@@ -278,8 +278,8 @@ def plan_jobs(config: dict, methods: list[str] | None = None) -> list[Job]:
     Returns:
         The jobs in a valid order (a job's `needs` come before it).
     """
-    from semantic_aug.filtering import filter_path
-    from semantic_aug.training import results_csv_path, test_csv_path
+    from semantic_aug.stages.filtering import filter_path
+    from semantic_aug.stages.training import results_csv_path, test_csv_path
 
     from semantic_aug.datasets import dataset_key, get_dataset_class
 
@@ -499,7 +499,7 @@ def slurm_settings(config: dict, args: argparse.Namespace | None = None) -> Slur
 
 
 def main(args: argparse.Namespace) -> None:
-    from semantic_aug.grid_cost import describe_cost
+    from semantic_aug.runner.grid_cost import describe_cost
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
     config = load_config(args.config)
@@ -551,7 +551,7 @@ def main(args: argparse.Namespace) -> None:
                 list(status.values()).count("skipped"), len(failed), len(blocked))
 
     if config["report"]:
-        from semantic_aug.reporting import build_report
+        from semantic_aug.runner.reporting import build_report
 
         try:
             print(build_report(config["results_dir"], data_dir=config["data_dir"]).describe())
@@ -564,6 +564,3 @@ def main(args: argparse.Namespace) -> None:
         raise UserError(f"{len(failed)} job(s) failed and {len(blocked)} could not run; see {logs}; rerun the same "
                         f"command to retry them (finished jobs are skipped)")
 
-
-if __name__ == "__main__":
-    run_cli(main, parse_args)

@@ -32,9 +32,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from semantic_aug.classifiers import FewShotClassifier
-from semantic_aug.few_shot_dataset import TRAIN_SPLIT, build_transform
-from semantic_aug.utils import (UserError, atomic_torch_save, atomic_write_csv, atomic_write_text, load_image,
+from semantic_aug.core.classifiers import FewShotClassifier
+from semantic_aug.datasets.few_shot_dataset import TRAIN_SPLIT, build_transform
+from semantic_aug.core.utils import (UserError, atomic_torch_save, atomic_write_csv, atomic_write_text, load_image,
                                 pick_device)
 
 logger = logging.getLogger(__name__)
@@ -323,8 +323,8 @@ def train_filter(dataset_name: str, seed: int, examples_per_class: int, *, data_
         The path of the saved filter.
     """
     from semantic_aug.datasets import create_dataset
-    from semantic_aug.training import fit
-    from semantic_aug.utils import restart_marker, set_seed
+    from semantic_aug.stages.training import fit
+    from semantic_aug.core.utils import restart_marker, set_seed
 
     path = filter_path(models_root, dataset_name, seed, examples_per_class)
     if path.is_file() and not overwrite:
@@ -603,7 +603,7 @@ def apply_filter_mode(manifest: pd.DataFrame, mode: str = DEFAULT_FILTER_MODE,
          loss_weights: synthetic path (str) -> loss multiplier, for `fit(sample_loss_weights=...)`, or None for
          an unweighted loss).
     """
-    from semantic_aug.synthetic import synthetic_images_from_manifest
+    from semantic_aug.stages.synthetic import synthetic_images_from_manifest
 
     if mode not in FILTER_MODES:
         raise UserError(f"unknown filter mode {mode!r}; choose one of {', '.join(FILTER_MODES)}")

@@ -9,10 +9,10 @@ from typing import Sequence
 
 import numpy as np
 
-from semantic_aug.augmentations.generative_augmentation import Choice, GenerativeAugmentation
-from semantic_aug.augmentations.sampler import GeneratedImages
-from semantic_aug.embeddings import stable_seed
-from semantic_aug.utils import UserError
+from semantic_aug.stages.augmentations.generative_augmentation import Choice, GenerativeAugmentation
+from semantic_aug.stages.augmentations.sampler import GeneratedImages
+from semantic_aug.core.embeddings import stable_seed
+from semantic_aug.core.utils import UserError
 
 COMPOSE_MODES = ("parallel", "sequential")
 CHAIN_SEPARATOR = " | "  # joins the tokens and prompts of a sequential chain in the manifest

@@ -1,6 +1,6 @@
 """Where the experiment grid's jobs run: on this machine (`Scheduler`) or on a Slurm cluster (`SlurmExecutor`).
 
-Both take the jobs of `semantic_aug.experiments.plan_jobs` (which script, which arguments, which outputs mark a job
+Both take the jobs of `semantic_aug.runner.experiments.plan_jobs` (which script, which arguments, which outputs mark a job
 finished, which jobs it needs) and share their semantics: a finished job is skipped, a job runs only after the jobs
 it needs succeeded, every job appends the same log (`run_logged`), a failed job is run again at most `max_retries`
 times (the scripts resume from their own checkpoints), and a job whose prerequisite failed for good is `blocked`.
@@ -28,7 +28,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]  # the top-level scripts live here
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the top-level scripts live here
 POLL_SECONDS = 0.2  # how often idle local workers look for a job whose prerequisites finished
 # Slurm job states after which a job holds no resources and will not run again (squeue shows them for MinJobAge).
 SLURM_ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",

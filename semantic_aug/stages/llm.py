@@ -31,8 +31,8 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-from semantic_aug.stable_diffusion import cache_root
-from semantic_aug.utils import UserError, atomic_path, pick_device
+from semantic_aug.core.stable_diffusion import cache_root
+from semantic_aug.core.utils import UserError, atomic_path, pick_device
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from semantic_aug.utils import UserError
+from semantic_aug.core.utils import UserError
 
 AUGMENTATIONS: dict[str, type] = {}
 

@@ -37,12 +37,12 @@ import torch
 from tqdm.auto import tqdm
 
 from semantic_aug.acceleration import Acceleration
-from semantic_aug.augmentations import (COMPOSERS, Choice, DiffusionSampler, GenerativeAugmentation, GeneratedImages,
+from semantic_aug.stages.augmentations import (COMPOSERS, Choice, DiffusionSampler, GenerativeAugmentation, GeneratedImages,
                                         TextualInversion, get_augmentation_class)
-from semantic_aug.augmentations.generative_augmentation import check_strength_and_guidance, settings_digest
-from semantic_aug.embeddings import load_tokens, stable_seed
-from semantic_aug.prompts import read_prompt_csv
-from semantic_aug.utils import (DTYPES, StageTimer, UserError, atomic_path, atomic_save_image,
+from semantic_aug.stages.augmentations.generative_augmentation import check_strength_and_guidance, settings_digest
+from semantic_aug.core.embeddings import load_tokens, stable_seed
+from semantic_aug.stages.prompts import read_prompt_csv
+from semantic_aug.core.utils import (DTYPES, StageTimer, UserError, atomic_path, atomic_save_image,
                                 atomic_write_csv, atomic_write_text, remove_stale_temporaries)
 
 logger = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from semantic_aug.utils import UserError, atomic_write_bytes, atomic_write_csv, atomic_write_text
+from semantic_aug.core.utils import UserError, atomic_write_bytes, atomic_write_csv, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -405,7 +405,7 @@ def _synthetic_image_path(manifest: Path, recorded: str) -> Path:
 
 
 def _thumbnail(path: Path):
-    from semantic_aug.utils import load_image
+    from semantic_aug.core.utils import load_image
 
     try:
         image = load_image(path)
@@ -542,7 +542,7 @@ def build_report(results_dir: str | os.PathLike, output_dir: str | os.PathLike |
     accuracies = collect_accuracies(results_dir)
     if accuracies.empty:
         raise UserError(f"no results CSVs under {results_dir}; run train_classifier.py or "
-                        f"`python -m semantic_aug.experiments` first")
+                        f"`python -m semantic_aug.runner` first")
     summary = summarize(accuracies)
 
     plots = []

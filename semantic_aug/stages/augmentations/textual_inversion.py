@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 from typing import Iterable, Sequence
 
-from semantic_aug.augmentations.generative_augmentation import PromptedAugmentation
-from semantic_aug.augmentations.registry import register_augmentation
-from semantic_aug.augmentations.sampler import DiffusionSampler, file_sha256
-from semantic_aug.embeddings import add_tokens_to_text_encoder, load_tokens, noisy_token_name, token_name
-from semantic_aug.utils import UserError
+from semantic_aug.stages.augmentations.generative_augmentation import PromptedAugmentation
+from semantic_aug.stages.augmentations.registry import register_augmentation
+from semantic_aug.stages.augmentations.sampler import DiffusionSampler, file_sha256
+from semantic_aug.core.embeddings import add_tokens_to_text_encoder, load_tokens, noisy_token_name, token_name
+from semantic_aug.core.utils import UserError
 
 
 def noisy_tokens(tokens: Iterable[str], class_name: str, class_names: Sequence[str],

@@ -22,7 +22,7 @@ import torch
 import torchvision.transforms as T
 from torch.utils.data import Dataset
 
-from semantic_aug.utils import IMAGE_EXTENSIONS, UserError, is_image_file, load_image
+from semantic_aug.core.utils import IMAGE_EXTENSIONS, UserError, is_image_file, load_image
 
 logger = logging.getLogger(__name__)
 

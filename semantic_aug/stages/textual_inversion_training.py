@@ -39,9 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from semantic_aug.embeddings import (LEARNED_EMBEDS_NAME, add_tokens_to_text_encoder, save_learned_embeds, stable_seed,
+from semantic_aug.core.embeddings import (LEARNED_EMBEDS_NAME, add_tokens_to_text_encoder, save_learned_embeds, stable_seed,
                                      token_name)
-from semantic_aug.utils import StageTimer, UserError, atomic_torch_save
+from semantic_aug.core.utils import StageTimer, UserError, atomic_torch_save
 
 logger = logging.getLogger(__name__)
 
@@ -438,7 +438,7 @@ class TextualInversionTrainer:
     """Learns class tokens for groups of classes with shared, frozen Stable Diffusion parts.
 
     Args:
-        tokenizer, text_encoder, vae, unet, noise_scheduler: from `semantic_aug.stable_diffusion.load_sd_components`.
+        tokenizer, text_encoder, vae, unet, noise_scheduler: from `semantic_aug.core.stable_diffusion.load_sd_components`.
         config: the hyperparameters.
         accelerator: an `accelerate.Accelerator` (device, mixed precision, main process, trackers).
         gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% slower).

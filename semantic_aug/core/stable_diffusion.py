@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from semantic_aug.utils import UserError
+from semantic_aug.core.utils import UserError
 
 TINY_MODEL_NAME = "tiny"
 TINY_MODEL_SEED = 0
 TINY_MODEL_VERSION = "2"  # bump when the tiny configs change, so caches rebuild
-TOKENIZER_DIR = Path(__file__).parent / "assets" / "sd1_tokenizer"
+TOKENIZER_DIR = Path(__file__).parents[1] / "assets" / "sd1_tokenizer"
 CLIP_MAX_LENGTH = 77  # SD1.x text context; transformers 5 needs it explicit or padding overflows
 VAE_SCALING_FACTOR = 0.18215  # SD v1 latent scale
 # SD v1.4's noise schedule; PNDM (without its Runge-Kutta warm-up) is its inference scheduler

@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from semantic_aug.utils import UserError, atomic_torch_save, atomic_write_bytes
+from semantic_aug.core.utils import UserError, atomic_torch_save, atomic_write_bytes
 
 LEARNED_EMBEDS_NAME = "learned_embeds.bin"  # the reference's per-class file (torch.save of {token: tensor})
 LEARNED_EMBEDS_SAFE_NAME = "learned_embeds.safetensors"  # the name diffusers' load_textual_inversion looks for

@@ -236,7 +236,7 @@ def describe_cost(jobs: list, config: dict, gpus: int, rates: dict = STAGE_RATES
     wall, chain = simulate_wall_time(jobs, cost.job_seconds, gpus)
     if gpus:
         lines.append(f"# estimated wall time on {gpus} GPU(s): {_duration(wall)} (longest chain of dependent jobs: "
-                     f"{_duration(chain)}; rates measured on one H100, semantic_aug/grid_cost.py)")
+                     f"{_duration(chain)}; rates measured on one H100, semantic_aug/runner/grid_cost.py)")
     else:
         lines.append(f"# no GPU visible: no wall-time estimate (the rates are a GPU's; pass --gpus 0,1 to estimate "
                      f"for two GPUs); longest chain of dependent jobs on one GPU each: {_duration(chain)}")

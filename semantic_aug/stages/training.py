@@ -46,9 +46,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from semantic_aug.classifiers import FewShotClassifier
-from semantic_aug.few_shot_dataset import RANDOM_CROP_SCALE, RANDOM_ROTATION_DEGREES, class_balanced_sampler
-from semantic_aug.utils import StageTimer, UserError, atomic_torch_save, load_image
+from semantic_aug.core.classifiers import FewShotClassifier
+from semantic_aug.datasets.few_shot_dataset import RANDOM_CROP_SCALE, RANDOM_ROTATION_DEGREES, class_balanced_sampler
+from semantic_aug.core.utils import StageTimer, UserError, atomic_torch_save, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -329,7 +329,7 @@ class TrainingData:
             `image_size` and `random_crop` are honoured; a custom `transform` is not used).
         device: where images live and batches are built.
         sample_loss_weights: synthetic image path (str) -> loss weight (filter mode `loss`, as
-            `semantic_aug.filtering.apply_filter_mode` returns them); other images weigh 1.
+            `semantic_aug.stages.filtering.apply_filter_mode` returns them); other images weigh 1.
         use_randaugment: the reference's RandAugment chain, a resize then RandAugment, in place of the crop, flip
             and rotation (None: `dataset.use_randaugment`).
         use_cutmix: paste a box of another image of the batch into half of the draws (labels mixed by area).
@@ -623,7 +623,7 @@ def fit(model: nn.Module, train_dataset, val_dataset, *, num_epochs: int, iterat
         device: where to train.
         seed: seeds every draw of the run (images, synthetic replacement, transform parameters).
         sample_loss_weights: synthetic image path (str) -> loss weight (filter mode `loss`, from
-            `semantic_aug.filtering.apply_filter_mode`); other images weigh 1. The batch loss is the mean of
+            `semantic_aug.stages.filtering.apply_filter_mode`); other images weigh 1. The batch loss is the mean of
             weight × cross-entropy.
         use_randaugment: the reference's RandAugment chain (a resize, then RandAugment) in place of the crop,
             flip and rotation (None: the training dataset's setting).

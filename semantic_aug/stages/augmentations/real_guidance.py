@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from semantic_aug.augmentations.generative_augmentation import PromptedAugmentation
-from semantic_aug.augmentations.registry import register_augmentation
+from semantic_aug.stages.augmentations.generative_augmentation import PromptedAugmentation
+from semantic_aug.stages.augmentations.registry import register_augmentation
 
 
 @register_augmentation

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from semantic_aug.acceleration import Acceleration
-from semantic_aug.utils import UserError
+from semantic_aug.core.utils import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class DiffusionSampler:
 
     def __init__(self, pipe, model_id: str, num_inference_steps: int = 50, resolution: int | None = None,
                  mask_grow_radius: int = DEFAULT_MASK_GROW_RADIUS, acceleration: Acceleration | None = None):
-        from semantic_aug.stable_diffusion import default_resolution
+        from semantic_aug.core.stable_diffusion import default_resolution
 
         if num_inference_steps < 1:
             raise UserError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
@@ -130,13 +130,13 @@ class DiffusionSampler:
         """Load Stable Diffusion (`tiny`, a hub id or a local folder) and wrap it.
 
         Args:
-            model_path: as `semantic_aug.stable_diffusion.load_stable_diffusion` takes it.
+            model_path: as `semantic_aug.core.stable_diffusion.load_stable_diffusion` takes it.
             device: where the model runs.
             dtype: weight dtype (bf16/fp16 on GPU, fp32 on CPU).
             unet_weights: optional UNet state dict file to load over the model's (an erased-concept UNet).
             **kwargs: the constructor's options.
         """
-        from semantic_aug.stable_diffusion import load_stable_diffusion, resolve_model_path
+        from semantic_aug.core.stable_diffusion import load_stable_diffusion, resolve_model_path
 
         pipe = load_stable_diffusion(model_path, pipeline="img2img", device=device, dtype=dtype)
         model_id = resolve_model_path(model_path)
