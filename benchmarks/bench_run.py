@@ -13,8 +13,9 @@ A second classifier run, DA-Fusion + (a) + (b), follows: its generation settings
 DIAGen's images instead of generating them (the grid's shared sets). Stages that do not fit one device command
 are shortened by flags (`--ti-steps`, `--epochs`) and projected from their measured rates; each stage's log holds
 its exact command. Optional extra stages (`--extra`):
-  compile-cache  generation in a fresh process after DIAGen's, which compiled on an empty cache: the warm-up
-                 when the compiled code is found on disk (Real Guidance, so no tokens are needed);
+  compile-cache  generation in a fresh process after DIAGen's, which compiled on an empty cache (with --no-run,
+                 after a first process of its own on an empty cache): the warm-up when the compiled code is
+                 found on disk (Real Guidance, so no tokens are needed);
   packing        1 and then 4 baseline classifier runs side by side on one GPU (the experiment runner's
                  --jobs-per-gpu), with their summed training rate.
 
@@ -174,12 +175,16 @@ def run_extras(args: argparse.Namespace, bench: Bench, model: str) -> None:
     common = ["--dataset", DATASET, "--seeds", SEED, "--examples-per-class", EXAMPLES_PER_CLASS,
               "--classifier-backbone", args.backbone, "--image-size", args.image_size]
     if "compile-cache" in args.extra:
-        # DIAGen's generation above compiled on an empty cache; this fresh process finds the compiled code on disk
-        # (another guidance scale, so that it makes its own images instead of linking DIAGen's)
-        bench.script("generation_warm_cache", "train_classifier.py", *common, "--model-path", model,
-                     "--aug", "real-guidance", "--guidance-scale", 14, "--num-synthetic", args.cache_images_per_real,
-                     "--num-inference-steps", args.num_inference_steps, "--num-epochs", 1,
-                     "--iterations-per-epoch", 1, "--method", "generation_warm_cache")
+        # DIAGen's generation compiled on an empty cache (without --run, a first process here does); this fresh
+        # process finds the compiled code on disk (another guidance scale each, so that every run makes its own
+        # images instead of linking another's)
+        cache_runs = [("generation_warm_cache", 14)] if args.run else [("generation_cold_cache", 13),
+                                                                        ("generation_warm_cache", 14)]
+        for name, guidance in cache_runs:
+            bench.script(name, "train_classifier.py", *common, "--model-path", model, "--aug", "real-guidance",
+                         "--guidance-scale", guidance, "--num-synthetic", args.cache_images_per_real,
+                         "--num-inference-steps", args.num_inference_steps, "--num-epochs", 1,
+                         "--iterations-per-epoch", 1, "--method", name)
     if "packing" in args.extra:
         baseline = [*common, "--num-synthetic", 0, "--num-epochs", args.epochs,
                     "--iterations-per-epoch", args.iterations_per_epoch]
