@@ -63,7 +63,7 @@ def _model_folder(model_path: str | os.PathLike) -> Path:
 
         return Path(snapshot_download(str(model_path), allow_patterns=["model_index.json", "*/config.json"]))
     except Exception as error:  # noqa: BLE001 - offline, unknown id, no permission: one message for all
-        raise UserError(f"cannot read the model family of {model_path!r}: not a local folder and its configs are "
+        raise UserError(f"cannot load model {str(model_path)!r}: not a local folder and its configs are "
                         f"not reachable on the Hugging Face hub ({type(error).__name__}); pass a local diffusers "
                         f"folder") from None
 
