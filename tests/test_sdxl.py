@@ -95,3 +95,92 @@ def test_sampler_matches_diffusers_sdxl_img2img(tiny_sdxl_path, acceleration):
         assert np.abs(pixels(ours) - pixels(theirs)).max() <= 1
     other = sampler.img2img([image], ["a photo of a car"], [7], 0.5, 7.5).pil(0)
     assert not np.array_equal(pixels(other), pixels(ours))  # the prompt reaches the UNet
+
+
+# -- Textual Inversion with two text encoders ---------------------------------------------------------------
+
+
+def sdxl_trainer(tiny_sdxl_path, **overrides):
+    from accelerate import Accelerator
+
+    from semantic_aug.core.stable_diffusion import load_sd_components, load_sdxl_second_encoder
+    from semantic_aug.stages.textual_inversion_training import TextualInversionConfig, TextualInversionTrainer
+
+    settings = dict(resolution=32, train_batch_size=1, max_train_steps=4, learning_rate=5e-2,
+                    checkpointing_steps=None, save_steps=None)
+    settings.update(overrides)
+    return TextualInversionTrainer(*load_sd_components(tiny_sdxl_path), TextualInversionConfig(**settings),
+                                   Accelerator(cpu=True), second_encoder=load_sdxl_second_encoder(tiny_sdxl_path))
+
+
+def toy_specs(root):
+    from semantic_aug.stages.textual_inversion_training import ClassSpec
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)) for _ in range(2)]
+    return [ClassSpec("car", images, root / "car", image_ids=["car-0", "car-1"])]
+
+
+def test_sdxl_tokens_train_in_both_encoders_and_load_in_stock_diffusers(tiny_sdxl_path, tmp_path):
+    """Both encoders' vectors move away from the initializer and only their own rows change; the files are the
+    diffusers SDXL example's, and stock `load_textual_inversion` maps the token to the saved vectors in each
+    encoder."""
+    from safetensors.torch import load_file
+
+    from semantic_aug.core.stable_diffusion import load_stable_diffusion
+
+    trainer = sdxl_trainer(tiny_sdxl_path)
+    weights = [encoder.get_input_embeddings().weight.detach().clone()
+               for encoder in (trainer.text_encoder, trainer.text_encoder_2)]
+    initial = (trainer.initializer_vector.clone(), trainer.initializer_vector_2.clone())
+    trainer.learn(toy_specs(tmp_path), seed=0)
+    folder = tmp_path / "car"
+    assert sorted(p.name for p in folder.iterdir()) == ["learned_embeds.bin", "learned_embeds.safetensors",
+                                                        "learned_embeds_2.safetensors"]
+    saved = [load_file(str(folder / name))["<car>"] for name in ("learned_embeds.safetensors",
+                                                                 "learned_embeds_2.safetensors")]
+    for vector, start in zip(saved, initial):
+        assert vector.shape == start.shape and torch.isfinite(vector).all()
+        assert (vector - start).abs().max() > 1e-3  # trained
+    for encoder, before in zip((trainer.text_encoder, trainer.text_encoder_2), weights):
+        after = encoder.get_input_embeddings().weight.detach()
+        torch.testing.assert_close(after[: len(before)], before)  # every other row untouched
+
+    pipe = load_stable_diffusion(tiny_sdxl_path, pipeline="img2img")
+    pipe.load_textual_inversion(str(folder / "learned_embeds.safetensors"), token="<car>",
+                                text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(str(folder / "learned_embeds_2.safetensors"), token="<car>",
+                                text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    for tokenizer, encoder, vector in ((pipe.tokenizer, pipe.text_encoder, saved[0]),
+                                       (pipe.tokenizer_2, pipe.text_encoder_2, saved[1])):
+        token_id = tokenizer.convert_tokens_to_ids("<car>")
+        assert tokenizer("a photo of a <car>", add_special_tokens=False).input_ids[-1] == token_id
+        torch.testing.assert_close(encoder.get_input_embeddings().weight[token_id], vector)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_sdxl_textual_inversion_resumes_to_the_uninterrupted_vectors(tiny_sdxl_path, tmp_path):
+    """A run killed after its checkpoint resumes both encoders' vectors and AdamW rows: it ends where an
+    uninterrupted run ends."""
+    from safetensors.torch import load_file
+
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    sdxl_trainer(tiny_sdxl_path, checkpointing_steps=2).learn(toy_specs(whole), seed=0)
+
+    def kill_after_update_3(group):
+        if min(group.steps) == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        sdxl_trainer(tiny_sdxl_path, checkpointing_steps=2).learn(
+            toy_specs(parts), seed=0, on_step=kill_after_update_3)
+    resumed_from = []
+    sdxl_trainer(tiny_sdxl_path, checkpointing_steps=2).learn(
+        toy_specs(parts), seed=0, on_step=lambda group: resumed_from.append(min(group.steps)))
+    assert resumed_from[0] == 3  # continued after the checkpoint at 2, not from the start
+    for name in ("learned_embeds.safetensors", "learned_embeds_2.safetensors"):
+        torch.testing.assert_close(load_file(str(parts / "car" / name))["<car>"],
+                                   load_file(str(whole / "car" / name))["<car>"], rtol=0, atol=0)

@@ -24,6 +24,7 @@ from semantic_aug.core.utils import UserError, atomic_torch_save, atomic_write_b
 
 LEARNED_EMBEDS_NAME = "learned_embeds.bin"  # the reference's per-class file (torch.save of {token: tensor})
 LEARNED_EMBEDS_SAFE_NAME = "learned_embeds.safetensors"  # the name diffusers' load_textual_inversion looks for
+LEARNED_EMBEDS_2_SAFE_NAME = "learned_embeds_2.safetensors"  # SDXL's second encoder (diffusers' SDXL TI example)
 TOKEN_OPEN, TOKEN_CLOSE = "<", ">"
 
 

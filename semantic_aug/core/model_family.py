@@ -23,6 +23,7 @@ from pathlib import Path
 from semantic_aug.core.utils import UserError
 
 FAMILIES = ("sd1", "sd2", "sdxl")
+SDXL_CROP_TOP_LEFT = (0, 0)  # no crop: the default `crops_coords_top_left` of diffusers' SDXL pipelines
 
 
 @dataclass(frozen=True)
@@ -100,3 +101,9 @@ def describe_family(model_path: str | os.PathLike) -> ModelFamily:
 def detect_family(model_path: str | os.PathLike) -> str:
     """The family name of a model folder: `sd1`, `sd2` or `sdxl` (see `describe_family`)."""
     return describe_family(model_path).name
+
+
+def sdxl_time_ids(side: int) -> tuple[int, ...]:
+    """SDXL's size/crop micro-conditioning of a square `side`² image that was neither cropped nor resized from
+    another size: (original height, width, crop top, left, target height, width)."""
+    return (side, side) + SDXL_CROP_TOP_LEFT + (side, side)
