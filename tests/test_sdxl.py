@@ -184,3 +184,43 @@ def test_sdxl_textual_inversion_resumes_to_the_uninterrupted_vectors(tiny_sdxl_p
     for name in ("learned_embeds.safetensors", "learned_embeds_2.safetensors"):
         torch.testing.assert_close(load_file(str(parts / "car" / name))["<car>"],
                                    load_file(str(whole / "car" / name))["<car>"], rtol=0, atol=0)
+
+
+# -- the scripts on the tiny SDXL ---------------------------------------------------------------------------
+
+
+def test_the_whole_pipeline_runs_on_tiny_sdxl(script_runner, tmp_path):
+    """fine_tune.py → aggregate_embeddings.py with noise → train_classifier.py with generation and the filter, on a
+    two-class folder dataset and the tiny SDXL, through the flags the scripts have for SD 1.x."""
+    from semantic_aug.core.embeddings import load_tokens
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train-val", 9), ("test", 1)):
+        for name in ("cat", "dog"):
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "data" / split / name / f"{i}.jpg")
+    data = ["--dataset", "folder", "--data-dir", tmp_path / "data", "--seeds", "0", "--examples-per-class", "1"]
+    script_runner("fine_tune.py", *data, "--pretrained_model_name_or_path", "tiny-sdxl", "--max_train_steps", "2",
+                  "--train_batch_size", "1", "--resolution", "32", "--joint", cwd=tmp_path, check=True)
+    assert len(list(tmp_path.glob("fine-tuned/*/*/learned_embeds_2.safetensors"))) == 2
+    script_runner("aggregate_embeddings.py", *data, "--augment-embeddings", "True", cwd=tmp_path, check=True)
+    [noise_file] = tmp_path.glob("tokens/*/noise/*-0-1.pt")
+    [noise_file_2] = tmp_path.glob("tokens/*/noise/*-0-1_2.pt")
+    first, second = load_tokens(noise_file), load_tokens(noise_file_2)
+    assert list(first) == list(second) and len(first) == 2 * 4  # each class and its 3 noisy copies, in both files
+    assert (second["<cat_0.025>"] - second["<cat>"]).std() == pytest.approx(0.025, rel=0.5)  # noise in encoder 2
+    assert not torch.equal(second["<cat_0.025>"] - second["<cat>"], first["<cat_0.025>"] - first["<cat>"])
+    script_runner("train_classifier.py", *data, "--method", "diagen", "--model-path", "tiny-sdxl", "--aug",
+                  "textual-inversion", "--use-embedding-noise", "1", "--num-synthetic", "1", "--num-inference-steps",
+                  "2", "--strength", "0.5", "--guidance-scale", "7.5", "--synthetic-probability", "1",
+                  "--synthetic_filter", "train", "--filter-backbone", "efficientnet_lite0", "--filter-mode", "loss",
+                  "--models-root", tmp_path / "models", "--classifier-backbone", "efficientnet_lite0", "--image-size",
+                  "32", "--iterations-per-epoch", "2", "--num-epochs", "2", "--batch-size", "8", "--num-workers", "1",
+                  cwd=tmp_path, check=True)
+    [manifest] = tmp_path.glob("RESULTS/*/diagen/synthetics_seed_0/manifest.csv")
+    synthetic = sorted(manifest.parent.glob("*.png"))
+    assert len(synthetic) == 2 and all(Image.open(path).size == (32, 24) for path in synthetic)
+    assert "tiny-sdxl" in (manifest.parent / "settings.json").read_text()
+    assert list(tmp_path.glob("models/filter_*_0_1.pth")) and list(tmp_path.glob("RESULTS/*/diagen/models/*.pth"))
