@@ -20,9 +20,10 @@ from typing import Callable, Sequence
 
 import torch
 
+from semantic_aug.core.model_family import SDXL_CROP_TOP_LEFT, sdxl_time_ids
+
 AESTHETIC_SCORE = 6.0  # the img2img pipeline's default aesthetic score for the prompt (refiner-style models only)
 NEGATIVE_AESTHETIC_SCORE = 2.5  # and for the unconditional half
-CROP_TOP_LEFT = (0, 0)  # no crop: the pipeline's default `crops_coords_top_left`
 
 
 class SDXLConditioning:
@@ -40,10 +41,10 @@ class SDXLConditioning:
         self.zeros_for_empty_prompt = bool(pipe.config.get("force_zeros_for_empty_prompt", False))
         size = (resolution, resolution)
         if pipe.config.get("requires_aesthetics_score", False):
-            conditional = size + CROP_TOP_LEFT + (AESTHETIC_SCORE,)
-            unconditional = size + CROP_TOP_LEFT + (NEGATIVE_AESTHETIC_SCORE,)
+            conditional = size + SDXL_CROP_TOP_LEFT + (AESTHETIC_SCORE,)
+            unconditional = size + SDXL_CROP_TOP_LEFT + (NEGATIVE_AESTHETIC_SCORE,)
         else:
-            conditional = unconditional = size + CROP_TOP_LEFT + size
+            conditional = unconditional = sdxl_time_ids(resolution)
         self.time_ids = (torch.tensor([unconditional], dtype=dtype), torch.tensor([conditional], dtype=dtype))
         self._unconditional = None
 
