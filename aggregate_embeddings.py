@@ -10,6 +10,10 @@ With `--augment-embeddings True` (DIAGen contribution a, `embedding_noise`), a s
 `--std-deviation`, a noisy copy `<class_σ>` = e + σ·N(0, I). The noise is seeded (`--seed`, the run's seed and
 epc), so reruns write identical files.
 
+SDXL runs (two text encoders) also have `learned_embeds_2.safetensors` per class: their tokens go to a second
+file beside each one, `..._2.pt` (`{dataset}-{seed}-{epc}_2.pt`, `noise/{dataset}-{seed}-{epc}_2.pt`), with the same
+token names and noisy copies of their own (seeded apart from the first encoder's).
+
 `--embed-path` (the reference's flag) names the one file to write instead, with {dataset}, {seed} and
 {examples_per_class} filled in per run: the merged tokens, or with `--augment-embeddings True` the tokens and
 their noisy copies, as the reference wrote them:
@@ -26,8 +30,8 @@ from pathlib import Path
 
 from semantic_aug.datasets import (DatasetChoices, add_dataset_module_argument, create_dataset, dataset_key,
                                    get_dataset_class, list_datasets)
-from semantic_aug.core.embeddings import (collect_class_tokens, embedding_noise, save_tokens, stable_seed,
-                                     tokens_path)
+from semantic_aug.core.embeddings import (collect_class_tokens, collect_second_encoder_tokens, embedding_noise,
+                                          save_tokens, second_encoder_path, stable_seed, tokens_path)
 from semantic_aug.core.utils import HelpFormatter, UserError, run_cli, str2bool
 
 logger = logging.getLogger("aggregate_embeddings")
@@ -73,17 +77,32 @@ def class_names_of(dataset: str, seed: int, examples_per_class: int, data_dir: s
                                data_dir=data_dir).class_names)
 
 
-def write_embed_path(args: argparse.Namespace, tokens: dict, seed: int, examples_per_class: int) -> None:
+SECOND_ENCODER_NOISE = "text_encoder_2"  # mixed into the noise seed of SDXL's second-encoder tokens
+
+
+def save_run_tokens(tokens: dict, tokens_2: dict | None, path: Path, std_deviations=None, noise_seed: int = 0) -> None:
+    """Write a run's tokens to `path` (and SDXL's second-encoder tokens beside it), with DIAGen's noisy copies
+    (`embedding_noise`) of both where `std_deviations` is given."""
+    if std_deviations is not None:
+        tokens = embedding_noise(tokens, std_deviations, seed=noise_seed)
+        if tokens_2 is not None:
+            tokens_2 = embedding_noise(tokens_2, std_deviations, seed=stable_seed(noise_seed, SECOND_ENCODER_NOISE))
+    if tokens_2 is not None:
+        save_tokens(tokens_2, second_encoder_path(path))  # first: the first encoder's file marks the run written
+    save_tokens(tokens, path)
+
+
+def write_embed_path(args: argparse.Namespace, tokens: dict, tokens_2: dict | None, seed: int,
+                     examples_per_class: int) -> None:
     """The reference's output: one file at --embed-path, with the noisy copies under --augment-embeddings."""
     try:
         path = Path(args.embed_path.format(dataset=args.dataset, seed=seed, examples_per_class=examples_per_class))
     except (KeyError, IndexError, ValueError) as error:
         raise UserError(f"--embed-path {args.embed_path!r}: cannot fill in its placeholders ({error}); use only "
                         f"{{dataset}}, {{seed}} and {{examples_per_class}}") from None
-    if args.augment_embeddings:
-        tokens = embedding_noise(tokens, args.std_deviation, seed=stable_seed(args.seed, seed, examples_per_class))
-    save_tokens(tokens, path)
-    logger.info("wrote %s: %d tokens", path, len(tokens))
+    save_run_tokens(tokens, tokens_2, path, args.std_deviation if args.augment_embeddings else None,
+                    stable_seed(args.seed, seed, examples_per_class))
+    logger.info("wrote %s: %d tokens", path, len(tokens) * (1 + len(args.std_deviation) * args.augment_embeddings))
 
 
 def main(args: argparse.Namespace) -> None:
@@ -94,18 +113,18 @@ def main(args: argparse.Namespace) -> None:
             class_names = class_names_of(args.dataset, seed, examples_per_class, args.data_dir)
             run_dir = Path(args.input_path) / f"{args.dataset}-{seed}-{examples_per_class}"
             tokens = collect_class_tokens(run_dir, class_names)
+            tokens_2 = collect_second_encoder_tokens(run_dir, class_names)  # SDXL's second encoder, else None
             if args.embed_path is not None:
-                write_embed_path(args, tokens, seed, examples_per_class)
+                write_embed_path(args, tokens, tokens_2, seed, examples_per_class)
                 continue
             path = tokens_path(args.dataset, seed, examples_per_class, root=args.output_dir)
-            save_tokens(tokens, path)
+            save_run_tokens(tokens, tokens_2, path)
             logger.info("wrote %s: %d tokens of width %d", path, len(tokens), next(iter(tokens.values())).shape[0])
             if args.augment_embeddings:
                 noise_seed = stable_seed(args.seed, seed, examples_per_class)
-                noisy = embedding_noise(tokens, args.std_deviation, seed=noise_seed)
                 noise_path = tokens_path(args.dataset, seed, examples_per_class, noise=True, root=args.output_dir)
-                save_tokens(noisy, noise_path)
-                logger.info("wrote %s: %d tokens (σ = %s)", noise_path, len(noisy),
+                save_run_tokens(tokens, tokens_2, noise_path, args.std_deviation, noise_seed)
+                logger.info("wrote %s: %d tokens (σ = %s)", noise_path, len(tokens) * (1 + len(args.std_deviation)),
                             ", ".join(str(std) for std in args.std_deviation))
 
 

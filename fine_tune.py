@@ -28,7 +28,9 @@ import torch
 
 from semantic_aug.datasets import add_dataset_arguments, check_dataset_arguments, create_dataset
 from semantic_aug.core.embeddings import class_folder_name
-from semantic_aug.core.stable_diffusion import default_resolution, enable_compile_cache, load_sd_components, load_tokenizer
+from semantic_aug.core.model_family import detect_family
+from semantic_aug.core.stable_diffusion import (default_resolution, enable_compile_cache, load_sd_components,
+                                                load_sdxl_second_encoder, load_tokenizer, resolve_model_path)
 from semantic_aug.stages.textual_inversion_training import (TEMPLATES, ClassSpec, TextualInversionConfig,
                                                      TextualInversionTrainer)
 from semantic_aug.core.utils import (HelpFormatter, UserError, check_flag_minimum, make_output_dir, pick_device,
@@ -233,6 +235,14 @@ def load_models(args: argparse.Namespace):
     return tokenizer, text_encoder, vae, unet, noise_scheduler
 
 
+def load_second_encoder(args: argparse.Namespace):
+    """SDXL's (tokenizer_2, text_encoder_2), whose token vectors are learned beside the first encoder's; None for
+    SD 1.x/2.x. The family is read from the model folder."""
+    if detect_family(resolve_model_path(args.pretrained_model_name_or_path)) != "sdxl":
+        return None
+    return load_sdxl_second_encoder(args.pretrained_model_name_or_path, args.revision)
+
+
 def read_state_dict(path: str) -> dict:
     """A state dict from a .safetensors or torch file, or a `UserError` naming the file."""
     path = Path(path)
@@ -314,7 +324,8 @@ def main(args: argparse.Namespace) -> None:
         enable_compile_cache()
     trainer = TextualInversionTrainer(tokenizer, text_encoder, vae, unet, noise_scheduler, first_config, accelerator,
                                       gradient_checkpointing=args.gradient_checkpointing, compile=compile_unet,
-                                      channels_last=args.channels_last, run_settings=run_settings)
+                                      channels_last=args.channels_last, run_settings=run_settings,
+                                      second_encoder=load_second_encoder(args))
 
     for seed in args.seeds:
         for examples_per_class in args.examples_per_class:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from semantic_aug.core.embeddings import add_tokens_to_text_encoder, load_tokens, stable_seed
+from semantic_aug.core.embeddings import load_tokens_into_pipeline, stable_seed
 from semantic_aug.core.stable_diffusion import default_resolution, load_stable_diffusion
 from semantic_aug.core.utils import (HelpFormatter, UserError, atomic_save_image, atomic_write_csv, check_flag_minimum,
                                 pick_device, run_cli)
@@ -100,9 +100,9 @@ def main(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     pipe = load_stable_diffusion(args.model_path, "text2img", device=device, dtype=dtype)
-    tokens = load_tokens(args.embed_path, embedding_dim=pipe.text_encoder.config.hidden_size)
+    tokens = load_tokens_into_pipeline(args.embed_path, pipe.tokenizer, pipe.text_encoder,
+                                       getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None))
     check_prompts(args.prompt, tokens, args.embed_path)
-    add_tokens_to_text_encoder(pipe.tokenizer, pipe.text_encoder, tokens)
     resolution = args.resolution or default_resolution(pipe.unet, pipe.vae)
     logger.info("%d of %d images to generate at %d px, %d steps, guidance %.1f, on %s", len(todo), len(plan),
                 resolution, args.num_inference_steps, args.guidance_scale, device)

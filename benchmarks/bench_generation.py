@@ -14,7 +14,10 @@ Both make img2img variations of real photos (640×480) on the real SD v1.4 archi
 From the checkout's root, with the package installed (`make setup`) or `PYTHONPATH=.` in front; on a GPU
 (about 4-5 minutes):
     python -m benchmarks.bench_generation
-CPU smoke test (seconds of work, meaningless speeds):
+SDXL base's architecture (random weights, 1024², two text encoders; the stock pipeline is
+StableDiffusionXLImg2ImgPipeline, and `--stock-compile` adds the stock pipeline in bf16 with a compiled UNet):
+    python -m benchmarks.bench_generation --model sdxl --batch-size 8 --stock-compile
+CPU smoke test (seconds of work, meaningless speeds; `--model tiny-sdxl` for the tiny SDXL):
     python -m benchmarks.bench_generation --model tiny --device cpu --dtype fp32 --ref-images 1 --batch-size 4 \\
         --timed-batches 1 --num-synthetic 2 --num-inference-steps 10 --configs eager:auto
 """
@@ -35,14 +38,16 @@ from transformers import CLIPTextConfig
 
 from semantic_aug.acceleration import (ATTENTION_BACKENDS, COMPILE_MODES, DEFAULT_COMPILE_MODE,
                                        Acceleration)
-from semantic_aug.core.embeddings import add_tokens_to_text_encoder, load_tokens, save_tokens, token_name
+from semantic_aug.core.embeddings import load_tokens_into_pipeline, save_tokens, second_encoder_path, token_name
+from semantic_aug.core.model_family import describe_family
 from semantic_aug.datasets.few_shot_dataset import FolderFewShotDataset
-from semantic_aug.core.stable_diffusion import (load_stable_diffusion, random_sd_v1_folder,
-                                           resolve_model_path)
+from semantic_aug.core.stable_diffusion import (load_stable_diffusion, random_sd_v1_folder, random_sdxl_folder,
+                                                resolve_model_path)
 from semantic_aug.stages.synthetic import DTYPES, build_augmentation, generate_synthetic_images
 from semantic_aug.core.utils import pick_device, run_cli
 
 RANDOM_SD = "sd-v1-random"  # --model name of the random-weight SD v1.4 architecture
+RANDOM_SDXL = "sdxl"  # --model name of the random-weight SDXL base architecture
 REAL_IMAGE_SIZE = (640, 480)  # (width, height) of a typical COCO photo
 CLASSES = ("bench", "bicycle")
 POOL_PER_CLASS = 32  # real images per class on disk; a selection takes the first examples_per_class of them
@@ -60,8 +65,8 @@ class BenchDataset(FolderFewShotDataset):
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=RANDOM_SD,
-                        help=f"`{RANDOM_SD}` (SD v1.4 architecture, random weights, built once), `tiny`, "
-                             f"or a model path")
+                        help=f"`{RANDOM_SD}` (SD v1.4 architecture, random weights, built once), `{RANDOM_SDXL}` "
+                             f"(SDXL base architecture, random weights, 1024²), `tiny`, `tiny-sdxl`, or a model path")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="weight dtype of our generator")
     parser.add_argument("--ref-images", type=int, default=8,
@@ -76,6 +81,8 @@ def parse_args() -> argparse.Namespace:
                         help="comma-separated MODE:ATTENTION entries (see the description)")
     parser.add_argument("--compile-mode", default=DEFAULT_COMPILE_MODE, choices=COMPILE_MODES,
                         help="torch.compile mode of the `compile` configs")
+    parser.add_argument("--stock-compile", action=argparse.BooleanOptionalAction, default=False,
+                        help="also time the stock pipeline in bf16 with a torch.compile'd UNet, one image per call")
     parser.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed at the end)")
     args = parser.parse_args()
     args.configs = [tuple(entry.split(":")) for entry in args.configs.split(",")]
@@ -121,11 +128,17 @@ def peak_memory(device: torch.device) -> str:
 
 
 def time_reference(args, model_path: str, tokens_path: Path, dataset: BenchDataset, out: Path,
-                   device: torch.device) -> float:
-    """(a) The reference's pattern: one image per pipeline call, fp16, PIL resizes, PNG before the next call."""
+                   device: torch.device, compiled: bool = False) -> float:
+    """(a) The reference's pattern: one image per pipeline call, fp16, PIL resizes, PNG before the next call; with
+    `compiled`, the same stock pipeline in bf16 with its UNet through `torch.compile`."""
     dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if compiled:
+        dtype = torch.bfloat16
     pipe = load_stable_diffusion(model_path, pipeline="img2img", device=device, dtype=dtype)
-    add_tokens_to_text_encoder(pipe.tokenizer, pipe.text_encoder, load_tokens(tokens_path))
+    load_tokens_into_pipeline(tokens_path, pipe.tokenizer, pipe.text_encoder, getattr(pipe, "tokenizer_2", None),
+                              getattr(pipe, "text_encoder_2", None))
+    if compiled:
+        pipe.unet = torch.compile(pipe.unet)
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor
     out.mkdir(parents=True, exist_ok=True)
     start = None
@@ -141,7 +154,8 @@ def time_reference(args, model_path: str, tokens_path: Path, dataset: BenchDatas
                      num_inference_steps=args.num_inference_steps, generator=torch.Generator().manual_seed(i)).images[0]
         image.resize(real.size, Image.BILINEAR).save(out / f"{i}.png")
     rate = args.ref_images / (time.perf_counter() - start)
-    print(f"reference pattern (1 image/call, {str(dtype).removeprefix('torch.')}, eager): {rate:.2f} img/s "
+    print(f"{'stock pipeline' if compiled else 'reference pattern'} (1 image/call, {str(dtype).removeprefix('torch.')}, "
+          f"{'torch.compile' if compiled else 'eager'}): {rate:.2f} img/s "
           f"({args.ref_images} images{peak_memory(device)})", flush=True)
     del pipe
     free_device_memory(device)
@@ -185,13 +199,20 @@ def main(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         model_path = str(random_sd_v1_folder(device))
         print(f"random SD v1.4 ready in {time.perf_counter() - start:.0f} s: {model_path}", flush=True)
-    width = CLIPTextConfig.from_pretrained(resolve_model_path(model_path), subfolder="text_encoder").hidden_size
+    elif model_path == RANDOM_SDXL:
+        start = time.perf_counter()
+        model_path = str(random_sdxl_folder(device))
+        print(f"random SDXL base ready in {time.perf_counter() - start:.0f} s: {model_path}", flush=True)
+    family = describe_family(resolve_model_path(model_path))
+    widths = [CLIPTextConfig.from_pretrained(resolve_model_path(model_path), subfolder=folder).hidden_size
+              for folder in family.text_encoders]
     with tempfile.TemporaryDirectory(dir=args.workdir) as scratch:
         scratch = Path(scratch)
         write_real_images(scratch / "data")
         tokens_path = scratch / "tokens.pt"
         generator = torch.Generator().manual_seed(0)
-        save_tokens({token_name(name): torch.randn(width, generator=generator) for name in CLASSES}, tokens_path)
+        for width, path in zip(widths, (tokens_path, second_encoder_path(tokens_path))):  # SDXL: one per encoder
+            save_tokens({token_name(name): torch.randn(width, generator=generator) for name in CLASSES}, path)
         warmup = selection(scratch / "data", args.batch_size, args.num_synthetic)
         timed = selection(scratch / "data", args.batch_size * args.timed_batches, args.num_synthetic)
         print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else device}, torch "
@@ -199,6 +220,8 @@ def main(args: argparse.Namespace) -> None:
               f"{args.guidance_scale}, real images {REAL_IMAGE_SIZE[0]}x{REAL_IMAGE_SIZE[1]}", flush=True)
 
         reference = time_reference(args, model_path, tokens_path, timed, scratch / "reference", device)
+        if args.stock_compile:
+            time_reference(args, model_path, tokens_path, timed, scratch / "stock-compiled", device, compiled=True)
         rates: dict[str, float] = {}
         for index, (mode, attention) in enumerate(args.configs):
             if attention == "best":

@@ -76,3 +76,26 @@ def test_log_commit_is_in_the_history(log):
     sha = HEADER_FIELDS["commit"].search(header_of(log)).group(1)
     result = subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{sha}^{{commit}}"], capture_output=True)
     assert result.returncode == 0, f"{log.name}: commit {sha} is not in this repository's history"
+
+
+def test_bench_generation_runs_on_the_tiny_sdxl_on_the_cpu():
+    """The benchmark's SDXL path: the stock SDXL img2img pipeline one image per call, then ours, with tokens in both
+    text encoders (speeds meaningless here)."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-m", "benchmarks.bench_generation", "--model", "tiny-sdxl", "--device",
+                             "cpu", "--dtype", "fp32", "--ref-images", "1", "--batch-size", "2", "--timed-batches", "1",
+                             "--num-synthetic", "1", "--num-inference-steps", "4", "--configs", "eager:auto"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "reference pattern (1 image/call, float32, eager)" in result.stdout
+    assert "config eager:auto" in result.stdout and "speed-up" in result.stdout
+
+
+def test_random_sdxl_has_sdxl_base_sizes():
+    """`build_random_sdxl` (built on the meta device: shapes only) has SDXL base's parameter counts."""
+    from semantic_aug.core.stable_diffusion import build_random_sdxl
+
+    _, _, text_encoder, text_encoder_2, vae, unet, _ = build_random_sdxl("meta")
+    millions = [round(sum(p.numel() for p in model.parameters()) / 1e6) for model in (unet, text_encoder_2)]
+    assert millions == [2567, 695]  # SDXL base: UNet 2.567 B, OpenCLIP bigG text encoder with projection 695 M
+    assert unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1) == 1024

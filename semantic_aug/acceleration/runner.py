@@ -10,6 +10,7 @@ always two halves for classifier-free guidance, the same latents under the empty
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 # Inductor settings from diffusers' SD speed guide: 1x1 convolutions as matmuls (so they fuse). Triton convolution
 # templates are left out of autotuning (cuDNN wins on SD's 3x3 convolutions), and so is coordinate-descent
 # tuning: both add many minutes of compile time for little gain.
+logger = logging.getLogger(__name__)
+
 INDUCTOR_OPTIONS = {"conv_1x1_as_mm": True, "epilogue_fusion": False, "max_autotune_conv_backends": "ATEN"}
 
 
@@ -127,9 +130,11 @@ class ReferenceRunner:
         """An image batch (N, C, H, W) in the models' memory layout."""
         return images
 
-    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """The UNet's prediction for guidance-paired rows (see the module docstring)."""
-        return self.unet_forward(sample, timestep, text)
+    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+             *added: torch.Tensor) -> torch.Tensor:
+        """The UNet's prediction for guidance-paired rows (see the module docstring); `added` is SDXL's added
+        conditioning, paired like the rows."""
+        return self.unet_forward(sample, timestep, text, *added)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae_decode(latents)
@@ -183,7 +188,14 @@ class AcceleratedRunner(ReferenceRunner):
                                              options=inductor.list_mode_options("default"))
         self.unet_batches = StaticBatches(self.memory_format, acceleration.compile, cudagraphs)
         self.decode_batches = StaticBatches(self.memory_format, acceleration.compile, cudagraphs)
-        self.shared_prefix = share_guidance_prefix(unet) if acceleration.shared_guidance_prefix else []
+        self.shared_prefix = []
+        if acceleration.shared_guidance_prefix:
+            if getattr(unet.config, "addition_embed_type", None) is not None:
+                logger.info("shared_guidance_prefix is off for this model: its UNet's time embedding carries the "
+                            "prompt's pooled embedding (%s), so the guidance halves differ from the first layer",
+                            unet.config.addition_embed_type)
+            else:
+                self.shared_prefix = share_guidance_prefix(unet)
 
     @contextlib.contextmanager
     def session(self):
@@ -200,8 +212,9 @@ class AcceleratedRunner(ReferenceRunner):
             return tensor.to(self.device)
         return tensor.pin_memory().to(self.device, non_blocking=True)
 
-    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return self.unet_batches(self.unet_call, sample, timestep, text, paired=True)
+    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+             *added: torch.Tensor) -> torch.Tensor:
+        return self.unet_batches(self.unet_call, sample, timestep, text, *added, paired=True)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.decode_batches(self.decode_call, latents)

@@ -9,6 +9,11 @@ File formats (compatible with the reference):
                 (+ `learned_embeds.safetensors`, the same dict, which diffusers' `load_textual_inversion` reads)
     merged:     `tokens/{dataset}-tokens/{dataset}-{seed}-{epc}.pt`, {"<class_>": [dim], ...}
     with noise: `tokens/{dataset}-tokens/noise/{dataset}-{seed}-{epc}.pt`, originals and `<class_σ>` per σ
+
+SDXL has two text encoders, and a token has a vector in each. The first encoder's vectors are the files above,
+unchanged; the second encoder's sit beside them with `_2` before the suffix, in the same format and with the same
+token names: `learned_embeds_2.safetensors` per class (the name diffusers' SDXL Textual Inversion example writes)
+and `{dataset}-{seed}-{epc}_2.pt` per run (`second_encoder_path`), its noisy copies drawn from their own seed.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from semantic_aug.core.utils import UserError, atomic_torch_save, atomic_write_b
 
 LEARNED_EMBEDS_NAME = "learned_embeds.bin"  # the reference's per-class file (torch.save of {token: tensor})
 LEARNED_EMBEDS_SAFE_NAME = "learned_embeds.safetensors"  # the name diffusers' load_textual_inversion looks for
+LEARNED_EMBEDS_2_SAFE_NAME = "learned_embeds_2.safetensors"  # SDXL's second encoder (diffusers' SDXL TI example)
 TOKEN_OPEN, TOKEN_CLOSE = "<", ">"
 
 
@@ -95,6 +101,12 @@ def tokens_path(dataset: str, seed: int, examples_per_class: int, noise: bool = 
     if noise:
         folder = folder / "noise"
     return folder / f"{dataset}-{seed}-{examples_per_class}.pt"
+
+
+def second_encoder_path(path: str | os.PathLike) -> Path:
+    """SDXL: the second text encoder's token file beside the first encoder's `path`: `{stem}_2{suffix}`."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_2{path.suffix}")
 
 
 def _read_token_dict(path: Path) -> dict:
@@ -180,8 +192,10 @@ def save_learned_embeds(folder: str | os.PathLike, token: str, vector: torch.Ten
     save_tokens({token: vector}, folder / name)
 
 
-def collect_class_tokens(run_dir: str | os.PathLike, class_names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Read every class's `{run_dir}/{class_}/learned_embeds.bin` into one dict `<class_>` -> vector, in class order.
+def collect_class_tokens(run_dir: str | os.PathLike, class_names: Sequence[str],
+                         file_name: str = LEARNED_EMBEDS_NAME) -> dict[str, torch.Tensor]:
+    """Read every class's `{run_dir}/{class_}/learned_embeds.bin` into one dict `<class_>` -> vector, in class order
+    (`file_name`: another per-class file, such as SDXL's `learned_embeds_2.safetensors`).
 
     Raises:
         UserError: a missing run or class folder, a missing or malformed file, a file whose token is not exactly
@@ -196,7 +210,7 @@ def collect_class_tokens(run_dir: str | os.PathLike, class_names: Sequence[str])
         if not folder.is_dir():
             raise UserError(f"missing class directory {folder} for class {class_name!r}; "
                             f"rerun fine_tune.py to finish it")
-        path = folder / LEARNED_EMBEDS_NAME
+        path = folder / file_name
         if not path.is_file():
             raise UserError(f"class {class_name!r} is unfinished: {path} is missing; rerun fine_tune.py to finish it")
         expected = token_name(class_name)
@@ -249,3 +263,38 @@ def add_tokens_to_text_encoder(tokenizer, text_encoder, tokens: Mapping[str, tor
         for token_id, vector in zip(ids, tokens.values()):
             weight[token_id] = vector.reshape(-1).to(weight.device, weight.dtype)
     return ids
+
+
+def collect_second_encoder_tokens(run_dir: str | os.PathLike,
+                                  class_names: Sequence[str]) -> dict[str, torch.Tensor] | None:
+    """SDXL: every class's second-encoder vector (`learned_embeds_2.safetensors`), or None where the run's first
+    class has none (a one-encoder model)."""
+    run_dir = Path(run_dir)
+    if not class_names or not (run_dir / class_folder_name(class_names[0]) / LEARNED_EMBEDS_2_SAFE_NAME).is_file():
+        return None
+    return collect_class_tokens(run_dir, class_names, file_name=LEARNED_EMBEDS_2_SAFE_NAME)
+
+
+def load_tokens_into_pipeline(path: str | os.PathLike, tokenizer, text_encoder, tokenizer_2=None, text_encoder_2=None,
+                              class_names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """Read a token file and add its tokens to the text encoder; for SDXL (`text_encoder_2` given) also the
+    second encoder's file (`second_encoder_path`), which must hold the same tokens.
+
+    Returns:
+        The first encoder's tokens, as `load_tokens` returns them.
+
+    Raises:
+        UserError: as `load_tokens`, a missing second file, or token names that differ between the two files.
+    """
+    tokens = load_tokens(path, class_names, embedding_dim=text_encoder.get_input_embeddings().weight.shape[1])
+    if text_encoder_2 is not None:
+        path_2 = second_encoder_path(path)
+        if not path_2.is_file():
+            raise UserError(f"this SDXL model has two text encoders, but {path_2} (the second encoder's tokens beside "
+                            f"{path}) is missing; learn the tokens with this model and rerun aggregate_embeddings.py")
+        tokens_2 = load_tokens(path_2, class_names, embedding_dim=text_encoder_2.get_input_embeddings().weight.shape[1])
+        if list(tokens_2) != list(tokens):
+            raise UserError(f"{path_2} and {path} hold different tokens; rerun aggregate_embeddings.py")
+        add_tokens_to_text_encoder(tokenizer_2, text_encoder_2, tokens_2)
+    add_tokens_to_text_encoder(tokenizer, text_encoder, tokens)
+    return tokens

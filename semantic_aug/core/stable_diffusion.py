@@ -6,6 +6,11 @@ encoder, PNDM/DDPM scheduler) at toy width, paired with the real SD1.x CLIP toke
 weights) and saved as a normal diffusers folder, so it loads through exactly the same `from_pretrained` path
 as `CompVis/stable-diffusion-v1-4` or any local diffusers folder. Its images are noise: it exists so that
 every script runs end to end on a CPU in seconds.
+
+`tiny-sdxl` is the same for Stable Diffusion XL: two CLIP text encoders (the second with a projection, whose pooled
+output conditions the UNet), two tokenizers from the shipped vocabulary (the second pads with "!", as SDXL's does),
+a UNet with SDXL's added text/time conditioning, and SDXL's Euler scheduler. `semantic_aug.core.model_family`
+tells the families apart from the saved folders.
 """
 
 from __future__ import annotations
@@ -17,17 +22,28 @@ from pathlib import Path
 
 import torch
 
+from semantic_aug.core.model_family import detect_family
 from semantic_aug.core.utils import UserError
 
 TINY_MODEL_NAME = "tiny"
 TINY_MODEL_SEED = 0
 TINY_MODEL_VERSION = "2"  # bump when the tiny configs change, so caches rebuild
+TINY_SDXL_MODEL_NAME = "tiny-sdxl"
+TINY_SDXL_MODEL_VERSION = "1"  # bump when the tiny SDXL configs change, so caches rebuild
 TOKENIZER_DIR = Path(__file__).parents[1] / "assets" / "sd1_tokenizer"
 CLIP_MAX_LENGTH = 77  # SD1.x text context; transformers 5 needs it explicit or padding overflows
 VAE_SCALING_FACTOR = 0.18215  # SD v1 latent scale
 # SD v1.4's noise schedule; PNDM (without its Runge-Kutta warm-up) is its inference scheduler
 SD_V1_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                        skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+
+VAE_SCALING_FACTOR_XL = 0.13025  # SDXL's latent scale
+SDXL_PAD_TOKEN = "!"  # the second SDXL tokenizer pads with "!" where the first pads with <|endoftext|>
+# SDXL base's noise schedule and inference scheduler (Euler, "leading" spacing)
+SDXL_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                      steps_offset=1, timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False,
+                      prediction_type="epsilon")
+SDXL_TIME_IDS = 6  # the UNet's size/crop conditioning: original (h, w), crop top-left (y, x), target (h, w)
 
 
 def cache_root() -> Path:
@@ -106,13 +122,21 @@ def save_stable_diffusion(output_dir: str | os.PathLike, tokenizer, text_encoder
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=PNDMScheduler(**SD_V1_SCHEDULER), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
+    return _save_pipeline(pipe, output_dir, ("tokenizer",))
+
+
+def _save_pipeline(pipe, output_dir: str | os.PathLike, tokenizer_folders: tuple[str, ...]) -> Path:
+    """Save a pipeline as a diffusers folder, atomically (a folder that another process finished first is kept)."""
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
     try:
         pipe.save_pretrained(staging, safe_serialization=True)
-        for name in ("vocab.json", "merges.txt", "special_tokens_map.json"):  # the slow-tokenizer files SD v1.4 ships
-            shutil.copy(TOKENIZER_DIR / name, staging / "tokenizer" / name)
+        for folder in tokenizer_folders:
+            for name in ("vocab.json", "merges.txt"):  # the slow-tokenizer files SD v1.4 ships
+                shutil.copy(TOKENIZER_DIR / name, staging / folder / name)
+        if tokenizer_folders == ("tokenizer",):
+            shutil.copy(TOKENIZER_DIR / "special_tokens_map.json", staging / "tokenizer" / "special_tokens_map.json")
         if output_dir.exists():  # another process finished first; keep its copy
             shutil.rmtree(staging)
         else:
@@ -121,6 +145,76 @@ def save_stable_diffusion(output_dir: str | os.PathLike, tokenizer, text_encoder
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return output_dir
+
+
+def load_tokenizer_2(path: str | os.PathLike = TOKENIZER_DIR):
+    """SDXL's second tokenizer: the same CLIP vocabulary, padding with "!" (from `tokenizer_2/` or the shipped files)."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(path), model_max_length=CLIP_MAX_LENGTH, pad_token=SDXL_PAD_TOKEN)
+
+
+def sdxl_unet_config(width: int, addition_time_embed_dim: int, pooled_dim: int) -> dict:
+    """The UNet keys that make a UNet2DConditionModel take SDXL's added conditioning: the pooled text embedding
+    (`pooled_dim` wide) and the six size/crop numbers, each as an `addition_time_embed_dim`-wide sinusoid."""
+    return dict(cross_attention_dim=width, addition_embed_type="text_time",
+                addition_time_embed_dim=addition_time_embed_dim,
+                projection_class_embeddings_input_dim=addition_time_embed_dim * SDXL_TIME_IDS + pooled_dim,
+                use_linear_projection=True)
+
+
+def build_tiny_sdxl(output_dir: str | os.PathLike) -> Path:
+    """Build the tiny random SDXL-architecture pipeline from configs and save it as a diffusers folder.
+
+    As `tiny`: 64×64 images, 4×32×32 latents. Both text encoders are 32 wide (learned tokens are 32-dimensional in
+    each), so the UNet's cross-attention reads their 64-wide concatenation; the second encoder's pooled projection
+    is 32 wide.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer, tokenizer_2 = load_tokenizer(), load_tokenizer_2()
+    width, pooled_dim = 32, 32
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(TINY_MODEL_SEED)
+    try:
+        unet = UNet2DConditionModel(
+            sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), norm_num_groups=32,
+            **sdxl_unet_config(2 * width, addition_time_embed_dim=8, pooled_dim=pooled_dim))
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=32, sample_size=64,
+            scaling_factor=VAE_SCALING_FACTOR_XL)
+        encoders = []
+        for model_class, act in ((CLIPTextModel, "quick_gelu"), (CLIPTextModelWithProjection, "gelu")):
+            encoders.append(model_class(CLIPTextConfig(
+                vocab_size=len(tokenizer), hidden_size=width, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=CLIP_MAX_LENGTH, hidden_act=act,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, projection_dim=pooled_dim)))
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return save_stable_diffusion_xl(output_dir, tokenizer, tokenizer_2, *encoders, vae, unet)
+
+
+def save_stable_diffusion_xl(output_dir: str | os.PathLike, tokenizer, tokenizer_2, text_encoder, text_encoder_2, vae,
+                             unet) -> Path:
+    """Save SDXL parts with SDXL's Euler scheduler as a diffusers folder, atomically. As SDXL base, the empty
+    negative prompt is zeros (`force_zeros_for_empty_prompt`) and no aesthetic score conditions the UNet.
+
+    Returns:
+        `output_dir`.
+    """
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
+
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
+        requires_aesthetics_score=False, force_zeros_for_empty_prompt=True)
+    return _save_pipeline(pipe, output_dir, ("tokenizer", "tokenizer_2"))
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -133,6 +227,11 @@ def resolve_model_path(name_or_path: str) -> str:
         path = cache_root() / f"tiny-sd-v{TINY_MODEL_VERSION}"
         if not (path / "model_index.json").is_file():
             build_tiny_stable_diffusion(path)
+        return str(path)
+    if name_or_path == TINY_SDXL_MODEL_NAME:
+        path = cache_root() / f"tiny-sdxl-v{TINY_SDXL_MODEL_VERSION}"
+        if not (path / "model_index.json").is_file():
+            build_tiny_sdxl(path)
         return str(path)
     path = Path(name_or_path).expanduser()
     if path.exists():
@@ -171,9 +270,24 @@ def load_stable_diffusion(name_or_path: str = TINY_MODEL_NAME, pipeline: str = "
                "inpaint": StableDiffusionInpaintPipeline}
     if pipeline not in classes:
         raise ValueError(f"pipeline must be one of {sorted(classes)}, got {pipeline!r}")
+    if detect_family(resolve_model_path(name_or_path)) == "sdxl":
+        return _load_stable_diffusion_xl(name_or_path, pipeline, device, dtype)
     pipe = _from_pretrained(classes[pipeline].from_pretrained, name_or_path, dtype=dtype, safety_checker=None,
                             requires_safety_checker=False)
     pipe.tokenizer.model_max_length = CLIP_MAX_LENGTH
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _load_stable_diffusion_xl(name_or_path: str, pipeline: str, device, dtype):
+    """`load_stable_diffusion` for an SDXL folder: diffusers' SDXL pipeline of the same kind."""
+    from diffusers import (StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline,
+                           StableDiffusionXLPipeline)
+
+    classes = {"text2img": StableDiffusionXLPipeline, "img2img": StableDiffusionXLImg2ImgPipeline,
+               "inpaint": StableDiffusionXLInpaintPipeline}
+    pipe = _from_pretrained(classes[pipeline].from_pretrained, name_or_path, dtype=dtype)
+    pipe.tokenizer.model_max_length = pipe.tokenizer_2.model_max_length = CLIP_MAX_LENGTH
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -192,6 +306,19 @@ def load_sd_components(name_or_path: str = TINY_MODEL_NAME, revision: str | None
     unet = _from_pretrained(UNet2DConditionModel.from_pretrained, path, subfolder="unet", **kwargs)
     noise_scheduler = _from_pretrained(DDPMScheduler.from_pretrained, path, subfolder="scheduler", **kwargs)
     return tokenizer, text_encoder, vae, unet, noise_scheduler
+
+
+def load_sdxl_second_encoder(name_or_path: str, revision: str | None = None):
+    """SDXL's second text encoder (with its pooled projection) and tokenizer: (tokenizer_2, text_encoder_2)."""
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    path = resolve_model_path(name_or_path)
+    kwargs = {"revision": revision} if revision else {}
+    tokenizer_2 = _from_pretrained(CLIPTokenizer.from_pretrained, path, subfolder="tokenizer_2",
+                                   model_max_length=CLIP_MAX_LENGTH, **kwargs)
+    text_encoder_2 = _from_pretrained(CLIPTextModelWithProjection.from_pretrained, path, subfolder="text_encoder_2",
+                                      **kwargs)
+    return tokenizer_2, text_encoder_2
 
 
 def default_resolution(unet, vae) -> int:
@@ -247,4 +374,60 @@ def random_sd_v1_folder(device: str | torch.device = "cpu") -> Path:
     if not (path / "model_index.json").is_file():
         tokenizer, text_encoder, vae, unet, _ = build_random_sd_v1(device)
         save_stable_diffusion(path, tokenizer, *(part.to(torch.float16) for part in (text_encoder, vae, unet)))
+    return path
+
+
+def build_random_sdxl(device: str | torch.device = "cpu", seed: int = 0):
+    """Stable Diffusion XL base's architecture at full size with random weights, for benchmarks.
+
+    The configs are those of `stabilityai/stable-diffusion-xl-base-1.0`: UNet 320/640/1280 channels with 1, 2 and
+    10 transformer layers per block, 2048-wide cross-attention (CLIP ViT-L 768 + OpenCLIP bigG 1280) on 128×128
+    latents for 1024² images, the added text/time conditioning (256-wide time ids, 1280-wide pooled embedding); the
+    4-level VAE; CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 text encoders; the Euler scheduler. Parameters are created
+    directly on `device`.
+
+    Returns:
+        (tokenizer, tokenizer_2, text_encoder, text_encoder_2, vae, unet, scheduler).
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer, tokenizer_2 = load_tokenizer(), load_tokenizer_2()
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id, max_position_embeddings=CLIP_MAX_LENGTH,
+                   vocab_size=len(tokenizer))
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        with torch.device(device):
+            unet = UNet2DConditionModel(
+                sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), norm_num_groups=32,
+                **sdxl_unet_config(2048, addition_time_embed_dim=256, pooled_dim=1280))
+            vae = AutoencoderKL(
+                in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                norm_num_groups=32, sample_size=1024, scaling_factor=VAE_SCALING_FACTOR_XL, force_upcast=True)
+            text_encoder = CLIPTextModel(CLIPTextConfig(
+                hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                hidden_act="quick_gelu", projection_dim=768, **special))
+            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+                hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                hidden_act="gelu", projection_dim=1280, **special))
+    finally:
+        torch.random.set_rng_state(generator_state)
+    scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER)
+    return tokenizer, tokenizer_2, text_encoder, text_encoder_2, vae, unet, scheduler
+
+
+def random_sdxl_folder(device: str | torch.device = "cpu") -> Path:
+    """`build_random_sdxl` saved in fp16 as a diffusers folder under `cache_root()` (built on first use, on
+    `device`), for the benchmarks that load a model by path."""
+    path = cache_root() / "sdxl-base-random"
+    if not (path / "model_index.json").is_file():
+        tokenizer, tokenizer_2, text_encoder, text_encoder_2, vae, unet, _ = build_random_sdxl(device)
+        save_stable_diffusion_xl(path, tokenizer, tokenizer_2,
+                                 *(part.to(torch.float16) for part in (text_encoder, text_encoder_2, vae, unet)))
     return path

@@ -19,6 +19,9 @@ What is different is how the work is laid out, so that 23 classes × 1000 steps 
 * Each class draws its images, flips, captions, timesteps and noise from its own seeded generator, so a class
   gets the same random stream alone, jointly, or on any process of a multi-GPU run, and its checkpoint (vector,
   optimizer rows, step, generator state) resumes it exactly.
+* SDXL (two text encoders): the class token gets a vector in each encoder, both trained from the same loss
+  (`SecondEncoderTokens`), and the UNet gets SDXL's added conditioning (`sdxl_text_conditioning`). The second
+  encoder's vectors are saved as `learned_embeds_2.safetensors`, as diffusers' SDXL Textual Inversion example does.
 * The joint batch is cut into micro-batches whose gradients add up; in `auto` mode a micro-batch that runs out
   of accelerator memory is halved and retried, which changes nothing in the result.
 """
@@ -39,8 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from semantic_aug.core.embeddings import (LEARNED_EMBEDS_NAME, add_tokens_to_text_encoder, save_learned_embeds, stable_seed,
-                                     token_name)
+from semantic_aug.core.embeddings import (LEARNED_EMBEDS_2_SAFE_NAME, LEARNED_EMBEDS_NAME, add_tokens_to_text_encoder,
+                                          save_learned_embeds, save_tokens, stable_seed, token_name)
+from semantic_aug.core.model_family import sdxl_time_ids
 from semantic_aug.core.utils import StageTimer, UserError, atomic_torch_save
 
 logger = logging.getLogger(__name__)
@@ -445,12 +449,22 @@ class TextualInversionTrainer:
         compile: run the UNet through `torch.compile`.
         channels_last: store the UNet's conv weights channels-last (faster convolutions on tensor cores).
         run_settings: extra values that identify a run in checkpoints (model, dataset, seed, ...).
+        second_encoder: SDXL's (tokenizer_2, text_encoder_2); the tokens then get a trained vector in both.
     """
 
     def __init__(self, tokenizer, text_encoder, vae, unet, noise_scheduler, config: TextualInversionConfig,
                  accelerator, gradient_checkpointing: bool = False, compile: bool = False,
-                 channels_last: bool = False, run_settings: dict | None = None):
+                 channels_last: bool = False, run_settings: dict | None = None, second_encoder: tuple | None = None):
         self.tokenizer, self.text_encoder, self.vae, self.unet = tokenizer, text_encoder, vae, unet
+        self.tokenizer_2, self.text_encoder_2 = second_encoder or (None, None)
+        if self.text_encoder_2 is not None:  # frozen and fp32, as the first encoder
+            self.text_encoder_2.requires_grad_(False)
+            self.text_encoder_2.eval()
+            self.text_encoder_2.to(accelerator.device, dtype=torch.float32)
+            if gradient_checkpointing:
+                enable = getattr(self.text_encoder_2, "activation_checkpointing_enable", None)
+                (enable or self.text_encoder_2.gradient_checkpointing_enable)()
+                self.text_encoder_2.train()
         self.noise_scheduler = noise_scheduler
         self.accelerator = accelerator
         self.device = accelerator.device
@@ -468,17 +482,21 @@ class TextualInversionTrainer:
         if config.micro_batch_size:
             self.micro_batch_size = config.micro_batch_size
         self.initializer_vector = self._initializer_vector(config.initializer_token)
+        if self.text_encoder_2 is not None:
+            self.initializer_vector_2 = self._initializer_vector(config.initializer_token, self.tokenizer_2,
+                                                                 self.text_encoder_2)
         vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         side = config.resolution // vae_factor
         self.latent_shape = (self.unet.config.in_channels, side, side)
         return config
 
-    def _initializer_vector(self, word: str) -> torch.Tensor:
-        ids = self.tokenizer(word, add_special_tokens=False).input_ids
+    def _initializer_vector(self, word: str, tokenizer=None, text_encoder=None) -> torch.Tensor:
+        tokenizer, text_encoder = tokenizer or self.tokenizer, text_encoder or self.text_encoder
+        ids = tokenizer(word, add_special_tokens=False).input_ids
         if len(ids) != 1:
             raise UserError(f"--initializer-token {word!r} is {len(ids)} tokens; it must be a single token "
                             f"(e.g. 'the')")
-        return self.text_encoder.get_input_embeddings().weight[ids[0]].detach().float().cpu().clone()
+        return text_encoder.get_input_embeddings().weight[ids[0]].detach().float().cpu().clone()
 
     def start(self, classes: Sequence[ClassSpec], seed: int) -> "TrainingGroup":
         """Set up a group of classes trained together (resumed from checkpoints when `config.resume`)."""
@@ -512,6 +530,7 @@ class TrainingGroup:
         self.tokens = [spec.token for spec in classes]
         self.token_ids = add_tokens_to_text_encoder(trainer.tokenizer, trainer.text_encoder,
                                                     {token: trainer.initializer_vector for token in self.tokens})
+        self.second = SecondEncoderTokens(self) if trainer.text_encoder_2 is not None else None
         self.caption_ids = [self._caption_ids(token) for token in self.tokens]
         self.latents = [LatentSource(trainer.vae, self._pixels(spec), trainer.weight_dtype, trainer.device,
                                      config.cache_latents) for spec in classes]
@@ -537,6 +556,8 @@ class TrainingGroup:
                     self._discard_checkpoints(row)
         except BaseException:
             self._context.__exit__(None, None, None)
+            if self.second is not None:
+                self.second.close(None, None, None)
             raise
 
     # -- context management: the placeholder embedding is removed (learned rows written back) on exit ----------
@@ -546,6 +567,8 @@ class TrainingGroup:
 
     def __exit__(self, *exc_info) -> None:
         self._context.__exit__(*exc_info)
+        if self.second is not None:
+            self.second.close(*exc_info)
 
     # -- data --------------------------------------------------------------------------------------------------
 
@@ -556,10 +579,12 @@ class TrainingGroup:
         return torch.stack([preprocess_image(image, config.resolution, config.center_crop) for image in spec.images])
 
     def _caption_ids(self, token: str) -> torch.Tensor:
-        tokenizer = self.trainer.tokenizer
+        """The caption templates' token ids [templates, 77], or for SDXL both tokenizers' [templates, 2, 77]."""
         captions = [template.format(token) for template in self.trainer.templates]
-        return tokenizer(captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                         return_tensors="pt").input_ids
+        tokenizers = [self.trainer.tokenizer] + ([self.trainer.tokenizer_2] if self.second is not None else [])
+        ids = [tokenizer(captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                         return_tensors="pt").input_ids for tokenizer in tokenizers]
+        return ids[0] if len(ids) == 1 else torch.stack(ids, dim=1)
 
     def draw(self, row: int) -> Draw:
         """The next micro-batch of class `row`, from its generator."""
@@ -590,8 +615,13 @@ class TrainingGroup:
     def _per_sample_loss(self, noisy_latents, timesteps, input_ids, target) -> torch.Tensor:
         trainer = self.trainer
         with trainer.accelerator.autocast():
-            hidden_states = trainer.text_encoder(input_ids)[0]
-            prediction = trainer.unet_forward(noisy_latents, timesteps, hidden_states, return_dict=False)[0]
+            if self.second is None:
+                hidden_states, added_cond_kwargs = trainer.text_encoder(input_ids)[0], None
+            else:
+                hidden_states, added_cond_kwargs = sdxl_text_conditioning(
+                    (trainer.text_encoder, trainer.text_encoder_2), input_ids, trainer.config.resolution)
+            prediction = trainer.unet_forward(noisy_latents, timesteps, hidden_states,
+                                              added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
         return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
     @torch.no_grad()
@@ -663,12 +693,15 @@ class TrainingGroup:
         mask = torch.zeros(len(self.classes), dtype=torch.bool)
         mask[active] = True
         self._skip_nonfinite(loss_sums, active, mask)
+        optimizers = [self.optimizer] + ([self.second.optimizer] if self.second is not None else [])
+        for optimizer in optimizers:
+            if self.scaler is not None:
+                self.scaler.step(optimizer, active=mask)
+            else:
+                optimizer.step(active=mask)
+            optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
-            self.scaler.step(self.optimizer, active=mask)
             self.scaler.update()
-        else:
-            self.optimizer.step(active=mask)
-        self.optimizer.zero_grad(set_to_none=True)
         means = (loss_sums / divisor).tolist()
         return {row: means[row] for row in active}
 
@@ -728,6 +761,8 @@ class TrainingGroup:
 
     def _finish(self, row: int) -> None:
         spec, losses = self.classes[row], self.losses[row]
+        if self.second is not None:  # before the first encoder's `.bin`, which marks the class finished
+            save_tokens({spec.token: self.second.vector(row)}, Path(spec.output_dir) / LEARNED_EMBEDS_2_SAFE_NAME)
         save_learned_embeds(spec.output_dir, spec.token, self.vector(row))
         if losses:
             count = max(1, math.ceil(len(losses) * LOSS_SUMMARY_FRACTION))
@@ -751,6 +786,8 @@ class TrainingGroup:
                  "optimizer": self.optimizer.row_state(row), "generator": self.generators[row].get_state(),
                  "epoch_order": self.epoch_orders[row].state_dict(), "losses": list(self.losses[row]), "settings": self.settings[row],
                  "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        if self.second is not None:
+            state.update(embedding_2=self.second.vector(row), optimizer_2=self.second.optimizer.row_state(row))
         path = Path(spec.output_dir) / f"checkpoint-{step}.pt"
         atomic_torch_save(state, path)
         if config.checkpoints_total_limit:
@@ -786,9 +823,64 @@ class TrainingGroup:
         with torch.no_grad():
             self.embedding.learned[row] = state["embedding"].to(self.embedding.learned.device)
         self.optimizer.load_row_state(row, state["optimizer"])
+        if self.second is not None:
+            if "embedding_2" not in state:
+                raise UserError(f"checkpoint {path} holds no second-encoder vector; delete it to restart the class")
+            with torch.no_grad():
+                self.second.embedding.learned[row] = state["embedding_2"].to(self.second.embedding.learned.device)
+            self.second.optimizer.load_row_state(row, state["optimizer_2"])
         self.generators[row].set_state(state["generator"])
         self.epoch_orders[row].load_state_dict(state["epoch_order"])
         self.losses[row] = list(state["losses"])
         if self.scaler is not None and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
         logger.info("class %s: resuming at update %d from %s", spec.name, step, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SDXL: a second text encoder
+
+
+def sdxl_text_conditioning(text_encoders: Sequence, input_ids: torch.Tensor, resolution: int):
+    """SDXL's UNet inputs for caption ids [B, 2, 77] (one row per tokenizer), as diffusers' SDXL Textual Inversion
+    example computes them: both encoders' penultimate hidden states concatenated, the second encoder's pooled
+    projection, and the size/crop ids of a `resolution`² training image (resized whole: crop (0, 0)).
+
+    Returns:
+        (encoder_hidden_states [B, 77, width_1 + width_2], added_cond_kwargs).
+    """
+    states = []
+    for index, text_encoder in enumerate(text_encoders):
+        output = text_encoder(input_ids[:, index], output_hidden_states=True)
+        states.append(output.hidden_states[-2])
+    pooled = output[0]
+    time_ids = torch.tensor([sdxl_time_ids(resolution)], device=pooled.device).expand(len(pooled), -1)
+    return torch.cat(states, dim=-1), {"text_embeds": pooled, "time_ids": time_ids}
+
+
+class SecondEncoderTokens:
+    """SDXL: the group's class tokens in the second text encoder, each a trained fp32 row with its own AdamW state,
+    updated together with the first encoder's rows from the same loss.
+
+    Args:
+        group: the `TrainingGroup` (its tokens, the trainer's `tokenizer_2`, `text_encoder_2` and hyperparameters).
+    """
+
+    def __init__(self, group: "TrainingGroup"):
+        trainer, config = group.trainer, group.trainer.config
+        initial = trainer.initializer_vector_2
+        self.token_ids = add_tokens_to_text_encoder(trainer.tokenizer_2, trainer.text_encoder_2,
+                                                    {token: initial for token in group.tokens})
+        self._context = placeholder_embedding(trainer.text_encoder_2, self.token_ids,
+                                              initial.expand(len(group.tokens), -1))
+        self.embedding = self._context.__enter__()
+        self.optimizer = PerRowAdamW(self.embedding.learned, lr=config.learning_rate, schedule=trainer.schedule,
+                                     betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+                                     weight_decay=config.adam_weight_decay)
+
+    def vector(self, row: int) -> torch.Tensor:
+        return self.embedding.learned[row].detach().float().cpu().clone()
+
+    def close(self, *exc_info) -> None:
+        """Write the learned rows into the second encoder's embedding matrix and remove the placeholder module."""
+        self._context.__exit__(*exc_info)

@@ -12,7 +12,9 @@ One call turns a batch of real images into synthetic ones, each with its own pro
    them) or the mask is fed to the UNet (9-channel inpainting UNets);
 5. the VAE decodes, and each image is resized back to its real image's size as uint8.
 
-With one image this is diffusers' `StableDiffusionImg2ImgPipeline`. How fast the models run is not the sampler's
+With one image this is diffusers' `StableDiffusionImg2ImgPipeline`. For an SDXL model, step 1 also gives the UNet's
+added conditioning (`sdxl_conditioning.SDXLConditioning`: both encoders' states, the pooled embedding, the size/crop
+ids), and one image is diffusers' `StableDiffusionXLImg2ImgPipeline`. How fast the models run is not the sampler's
 business: it calls them through the runner of an `Acceleration` (`semantic_aug.acceleration`: compilation, fused
 kernels, the attention backend, asynchronous copies), whose `Acceleration.none()` runs them as diffusers does and
 whose options change no step of the algorithm. The weights' dtype is the caller's.
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 
 from semantic_aug.acceleration import Acceleration
 from semantic_aug.core.utils import UserError
+from semantic_aug.stages.augmentations.sdxl_conditioning import SDXLConditioning
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +112,8 @@ class DiffusionSampler:
             raise UserError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
         self.unet, self.vae, self.scheduler = pipe.unet, pipe.vae, pipe.scheduler
         self.text_encoder, self.tokenizer = pipe.text_encoder, pipe.tokenizer
+        # SDXL's second encoder and tokenizer (None for SD 1.x/2.x)
+        self.text_encoder_2, self.tokenizer_2 = getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None)
         self.model_id = model_id
         self.device, self.dtype = self.unet.device, self.unet.dtype
         self.num_inference_steps = num_inference_steps
@@ -121,6 +126,8 @@ class DiffusionSampler:
         self.inpainting_unet = self.unet.config.in_channels == 9  # 4 latents + 1 mask + 4 masked-image latents
         self.step_takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
         self._unconditional = None
+        self.added_conditioning = None if self.text_encoder_2 is None else \
+            SDXLConditioning(pipe, self.resolution, self.dtype)
         self.acceleration = Acceleration() if acceleration is None else acceleration
         self.runner = self.acceleration.prepare(self)  # last: it may rewrite the models' modules (not their weights)
 
@@ -154,9 +161,13 @@ class DiffusionSampler:
 
     # -- the models, as diffusers calls them (the runner may compile these) -------------------------------------
 
-    def unet_forward(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """The UNet's noise prediction for `sample` (cast to the weights' dtype) at `timestep` under text states."""
-        return self.unet(sample.to(self.dtype), timestep, encoder_hidden_states=text, return_dict=False)[0]
+    def unet_forward(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                     *added: torch.Tensor) -> torch.Tensor:
+        """The UNet's noise prediction for `sample` (cast to the weights' dtype) at `timestep` under text states, and
+        for SDXL under its added conditioning `added` = (pooled text embedding, size/crop ids)."""
+        added_cond_kwargs = dict(zip(("text_embeds", "time_ids"), added)) if added else None
+        return self.unet(sample.to(self.dtype), timestep, encoder_hidden_states=text,
+                         added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
 
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] from unscaled latents."""
@@ -166,6 +177,8 @@ class DiffusionSampler:
         """What about the model changes the images (for cache fingerprints)."""
         configs = {"unet": dict(self.unet.config), "vae": dict(self.vae.config),
                    "scheduler": dict(self.scheduler.config), "text_encoder": self.text_encoder.config.to_dict()}
+        if self.text_encoder_2 is not None:
+            configs["text_encoder_2"] = self.text_encoder_2.config.to_dict()
         digest = hashlib.sha256(json.dumps(configs, sort_keys=True, default=str).encode()).hexdigest()
         return {"model": self.model_id, "model_config_sha256": digest, "scheduler": type(self.scheduler).__name__,
                 "num_inference_steps": self.num_inference_steps, "resolution": self.resolution,
@@ -181,6 +194,13 @@ class DiffusionSampler:
         states = self.text_encoder(self.runner.to_device(ids))[0]
         position = {prompt: i for i, prompt in enumerate(unique)}
         return states[self.runner.to_device(torch.tensor([position[p] for p in prompts]))]
+
+    def conditioning(self, prompts: Sequence[str]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The UNet's text inputs for classifier-free guidance, unconditional rows first, then one per prompt: the
+        text states and the added conditioning (SDXL: pooled embedding and size/crop ids; none for SD 1.x/2.x)."""
+        if self.added_conditioning is not None:
+            return self.added_conditioning(prompts, self.runner.to_device)
+        return torch.cat([self.unconditional(len(prompts)), self.encode_prompts(prompts)]), ()
 
     def unconditional(self, rows: int) -> torch.Tensor:
         """The empty prompt's text states, repeated `rows` times (encoded once per sampler)."""
@@ -252,8 +272,8 @@ class DiffusionSampler:
         if not (len(prompts) == len(seeds) == count and (masks is None or len(masks) == count)):
             raise ValueError("images, prompts, seeds (and masks) must have one entry per image")
         with torch.no_grad(), self.runner.session():
-            # 1. text states: unconditional rows first, then one per prompt (classifier-free guidance)
-            text = torch.cat([self.unconditional(count), self.encode_prompts(prompts)])
+            # 1. text states (and SDXL's added conditioning): unconditional rows first, then one per prompt
+            text, added = self.conditioning(prompts)
             # 2. distinct images -> VAE posterior; 3. per-image generators: posterior sample, then noise
             mean, std, rows = self.encode_images(images)
             generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
@@ -285,7 +305,7 @@ class DiffusionSampler:
                 model_input = self.scheduler.scale_model_input(torch.cat([latents, latents]), step_values[i])
                 if unet_extra is not None:
                     model_input = torch.cat([model_input, unet_extra], dim=1)
-                prediction = self.runner.unet(model_input, t, text).float()
+                prediction = self.runner.unet(model_input, t, text, *added).float()
                 unconditional, conditional = prediction.chunk(2)
                 guided = unconditional + guidance_scale * (conditional - unconditional)
                 latents = self.scheduler.step(guided, step_values[i], latents, return_dict=False, **step_kwargs)[0]

@@ -9,7 +9,8 @@ from typing import Iterable, Sequence
 from semantic_aug.stages.augmentations.generative_augmentation import PromptedAugmentation
 from semantic_aug.stages.augmentations.registry import register_augmentation
 from semantic_aug.stages.augmentations.sampler import DiffusionSampler, file_sha256
-from semantic_aug.core.embeddings import add_tokens_to_text_encoder, load_tokens, noisy_token_name, token_name
+from semantic_aug.core.embeddings import (load_tokens_into_pipeline, noisy_token_name, second_encoder_path,
+                                          token_name)
 from semantic_aug.core.utils import UserError
 
 
@@ -59,7 +60,8 @@ class TextualInversion(PromptedAugmentation):
     Args:
         sampler: the loaded diffusion model.
         class_names: the dataset's classes (each needs its token in the file).
-        embed_path: the token file (`tokens/{dataset}-tokens/[noise/]{dataset}-{seed}-{epc}.pt`).
+        embed_path: the token file (`tokens/{dataset}-tokens/[noise/]{dataset}-{seed}-{epc}.pt`; for SDXL also its
+            second-encoder file `..._2.pt`).
         use_embedding_noise: cycle through the noisy tokens; the file must hold them for every class.
         std_deviations: the noise levels to use; None uses those the file holds.
         **kwargs: `PromptedAugmentation` options (prompt, strength, guidance_scale, mask, inverted, class_prompts).
@@ -69,10 +71,11 @@ class TextualInversion(PromptedAugmentation):
 
     def __init__(self, sampler: DiffusionSampler, class_names: Sequence[str], embed_path: str | os.PathLike,
                  use_embedding_noise: bool = False, std_deviations: Sequence[float] | None = None, **kwargs):
-        width = sampler.text_encoder.get_input_embeddings().weight.shape[1]
-        tokens = load_tokens(embed_path, class_names, embedding_dim=width)
-        add_tokens_to_text_encoder(sampler.tokenizer, sampler.text_encoder, tokens)
+        tokens = load_tokens_into_pipeline(embed_path, sampler.tokenizer, sampler.text_encoder, sampler.tokenizer_2,
+                                           sampler.text_encoder_2, class_names)
         self.embed_path, self.tokens_sha256 = str(embed_path), file_sha256(embed_path)
+        if sampler.text_encoder_2 is not None:  # SDXL: the second encoder's vectors change the images too
+            self.tokens_sha256 += "+" + file_sha256(second_encoder_path(embed_path))
         self.use_embedding_noise = bool(use_embedding_noise)
         self.tokens_per_class = {}
         for name in class_names:
