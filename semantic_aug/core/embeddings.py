@@ -59,7 +59,7 @@ def expand_vector_tokens(prompt: str, tokenizer) -> str:
 
     This is what diffusers' `TextualInversionLoaderMixin.maybe_convert_prompt` does before its pipelines encode a
     prompt; prompt states built by hand from the tokenizer need it too, or they would use only the first vector.
-    A vector token already written out (`<car>_1`) is left as it is.
+    Unlike diffusers' plain substring replacement, `<car>` is not matched inside `<car>_1`.
     """
     added = tokenizer.added_tokens_encoder
     for token in dict.fromkeys(tokenizer.tokenize(prompt)):
