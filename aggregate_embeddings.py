@@ -26,8 +26,8 @@ from pathlib import Path
 
 from semantic_aug.datasets import (DatasetChoices, add_dataset_module_argument, create_dataset, dataset_key,
                                    get_dataset_class, list_datasets)
-from semantic_aug.core.embeddings import (collect_class_tokens, embedding_noise, save_tokens, stable_seed,
-                                     tokens_path)
+from semantic_aug.core.embeddings import (collect_class_tokens, embedding_noise, embedding_rms, save_tokens,
+                                          stable_seed, tokens_path)
 from semantic_aug.core.utils import HelpFormatter, UserError, run_cli, str2bool
 
 logger = logging.getLogger("aggregate_embeddings")
@@ -73,6 +73,14 @@ def class_names_of(dataset: str, seed: int, examples_per_class: int, data_dir: s
                                data_dir=data_dir).class_names)
 
 
+def log_noise_scale(tokens: dict, std_deviations: list[float]) -> None:
+    """Log the tokens' RMS and each σ relative to it: σ is absolute, and the paper chose its values for SD 1.x's
+    CLIP ViT-L/14 embeddings, so on another text encoder the relative size tells how to rescale them."""
+    rms = embedding_rms(tokens)
+    logger.info("token embedding RMS %.4g; σ / RMS = %s (σ is absolute: multiply it by the ratio of two models' RMS "
+                "to keep the same relative noise)", rms, ", ".join(f"{std / rms:.3g}" for std in std_deviations))
+
+
 def write_embed_path(args: argparse.Namespace, tokens: dict, seed: int, examples_per_class: int) -> None:
     """The reference's output: one file at --embed-path, with the noisy copies under --augment-embeddings."""
     try:
@@ -81,6 +89,7 @@ def write_embed_path(args: argparse.Namespace, tokens: dict, seed: int, examples
         raise UserError(f"--embed-path {args.embed_path!r}: cannot fill in its placeholders ({error}); use only "
                         f"{{dataset}}, {{seed}} and {{examples_per_class}}") from None
     if args.augment_embeddings:
+        log_noise_scale(tokens, args.std_deviation)
         tokens = embedding_noise(tokens, args.std_deviation, seed=stable_seed(args.seed, seed, examples_per_class))
     save_tokens(tokens, path)
     logger.info("wrote %s: %d tokens", path, len(tokens))
@@ -99,7 +108,7 @@ def main(args: argparse.Namespace) -> None:
                 continue
             path = tokens_path(args.dataset, seed, examples_per_class, root=args.output_dir)
             save_tokens(tokens, path)
-            logger.info("wrote %s: %d tokens of width %d", path, len(tokens), next(iter(tokens.values())).shape[0])
+            logger.info("wrote %s: %d tokens of width %d", path, len(tokens), next(iter(tokens.values())).shape[-1])
             if args.augment_embeddings:
                 noise_seed = stable_seed(args.seed, seed, examples_per_class)
                 noisy = embedding_noise(tokens, args.std_deviation, seed=noise_seed)
@@ -107,6 +116,7 @@ def main(args: argparse.Namespace) -> None:
                 save_tokens(noisy, noise_path)
                 logger.info("wrote %s: %d tokens (σ = %s)", noise_path, len(noisy),
                             ", ".join(str(std) for std in args.std_deviation))
+                log_noise_scale(tokens, args.std_deviation)
 
 
 if __name__ == "__main__":

@@ -125,6 +125,16 @@ def embedding_noise(embeddings: Mapping[str, torch.Tensor], std_deviations: Sequ
     return noisy
 
 
+def embedding_rms(embeddings: Mapping[str, torch.Tensor]) -> float:
+    """Root mean square of all coordinates of `embeddings`: the scale an absolute σ of `embedding_noise` meets.
+
+    Learned tokens start from a word of the model's vocabulary and stay near its scale, so this tells how large a
+    given σ is for the model at hand (σ / RMS is the relative noise).
+    """
+    values = torch.cat([vector.float().reshape(-1) for vector in embeddings.values()])
+    return float(values.square().mean().sqrt())
+
+
 def tokens_path(dataset: str, seed: int, examples_per_class: int, noise: bool = False,
                 root: str | os.PathLike = "tokens") -> Path:
     """Where the merged token file lives: `{root}/{dataset}-tokens/[noise/]{dataset}-{seed}-{examples_per_class}.pt`."""

@@ -178,7 +178,8 @@ class DiffusionSampler:
         """Text-encoder states (len(prompts), 77, width) for `prompts`; each distinct prompt is encoded once.
         A multi-vector token is written out as all its vectors first, as diffusers' pipelines do."""
         unique = list(dict.fromkeys(prompts))
-        ids = self.tokenizer([expand_vector_tokens(prompt, self.tokenizer) for prompt in unique], padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+        ids = self.tokenizer([expand_vector_tokens(prompt, self.tokenizer) for prompt in unique], padding="max_length",
+                             max_length=self.tokenizer.model_max_length, truncation=True,
                              return_tensors="pt").input_ids
         states = self.text_encoder(self.runner.to_device(ids))[0]
         position = {prompt: i for i, prompt in enumerate(unique)}
