@@ -31,7 +31,7 @@ from pathlib import Path
 from semantic_aug.datasets import (DatasetChoices, add_dataset_module_argument, create_dataset, dataset_key,
                                    get_dataset_class, list_datasets)
 from semantic_aug.core.embeddings import (collect_class_tokens, collect_second_encoder_tokens, embedding_noise,
-                                          save_tokens, second_encoder_path, stable_seed, tokens_path)
+                                          embedding_rms, save_tokens, second_encoder_path, stable_seed, tokens_path)
 from semantic_aug.core.utils import HelpFormatter, UserError, run_cli, str2bool
 
 logger = logging.getLogger("aggregate_embeddings")
@@ -92,6 +92,14 @@ def save_run_tokens(tokens: dict, tokens_2: dict | None, path: Path, std_deviati
     save_tokens(tokens, path)
 
 
+def log_noise_scale(tokens: dict, std_deviations: list[float]) -> None:
+    """Log the tokens' RMS and each σ relative to it: σ is absolute, and the paper chose its values for SD 1.x's
+    CLIP ViT-L/14 embeddings, so on another text encoder the relative size tells how to rescale them."""
+    rms = embedding_rms(tokens)
+    logger.info("token embedding RMS %.4g; σ / RMS = %s (σ is absolute: multiply it by the ratio of two models' RMS "
+                "to keep the same relative noise)", rms, ", ".join(f"{std / rms:.3g}" for std in std_deviations))
+
+
 def write_embed_path(args: argparse.Namespace, tokens: dict, tokens_2: dict | None, seed: int,
                      examples_per_class: int) -> None:
     """The reference's output: one file at --embed-path, with the noisy copies under --augment-embeddings."""
@@ -100,6 +108,8 @@ def write_embed_path(args: argparse.Namespace, tokens: dict, tokens_2: dict | No
     except (KeyError, IndexError, ValueError) as error:
         raise UserError(f"--embed-path {args.embed_path!r}: cannot fill in its placeholders ({error}); use only "
                         f"{{dataset}}, {{seed}} and {{examples_per_class}}") from None
+    if args.augment_embeddings:
+        log_noise_scale(tokens, args.std_deviation)
     save_run_tokens(tokens, tokens_2, path, args.std_deviation if args.augment_embeddings else None,
                     stable_seed(args.seed, seed, examples_per_class))
     logger.info("wrote %s: %d tokens", path, len(tokens) * (1 + len(args.std_deviation) * args.augment_embeddings))
@@ -119,13 +129,14 @@ def main(args: argparse.Namespace) -> None:
                 continue
             path = tokens_path(args.dataset, seed, examples_per_class, root=args.output_dir)
             save_run_tokens(tokens, tokens_2, path)
-            logger.info("wrote %s: %d tokens of width %d", path, len(tokens), next(iter(tokens.values())).shape[0])
+            logger.info("wrote %s: %d tokens of width %d", path, len(tokens), next(iter(tokens.values())).shape[-1])
             if args.augment_embeddings:
                 noise_seed = stable_seed(args.seed, seed, examples_per_class)
                 noise_path = tokens_path(args.dataset, seed, examples_per_class, noise=True, root=args.output_dir)
                 save_run_tokens(tokens, tokens_2, noise_path, args.std_deviation, noise_seed)
                 logger.info("wrote %s: %d tokens (σ = %s)", noise_path, len(tokens) * (1 + len(args.std_deviation)),
                             ", ".join(str(std) for std in args.std_deviation))
+                log_noise_scale(tokens, args.std_deviation)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ denoises the class's images when prompted with "a photo of a <class_name>". The 
 
     {output_dir}/fine-tuned/{dataset}-{seed}-{epc}/{class_name}/learned_embeds.bin  (+ learned_embeds.safetensors)
 
+({"<class_name>": [dim]}, or [N, dim] with `--num_vectors N`: diffusers' `load_textual_inversion` reads either)
+
 which `aggregate_embeddings.py` merges into `tokens/`. A finished class is skipped on rerun; an unfinished one
 resumes from its newest `checkpoint-N.pt`. Under `accelerate launch`, the classes are shared out among the
 processes; each class's result is the same as in a one-process run.
@@ -84,6 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     train = parser.add_argument_group("training")
     train.add_argument("--initializer-token", default="the", help="Word whose embedding starts every class token.")
+    train.add_argument("--num_vectors", type=int, default=1,
+                       help="Vectors per class token (diffusers' flag): 1 as the reference scripts, 4 as the DA-Fusion "
+                            "paper. Written as <class>, <class>_1, ... in captions; saved as one [N, dim] tensor.")
     train.add_argument("--train_batch_size", type=int, default=4,
                        help="Samples per class per step (the README's and paper's 4; the reference script "
                             "defaulted to 16).")
@@ -168,7 +173,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--max_train_steps and --num_train_epochs both set the training length; pass one")
     check_flag_minimum(parser, args, ("train_batch_size", "gradient_accumulation_steps", "repeats", "max_train_steps",
                                       "num_train_epochs", "resolution", "checkpoints_total_limit",
-                                      "examples_per_class"))
+                                      "examples_per_class", "num_vectors"))
     check_flag_minimum(parser, args, ("micro_batch_size", "save_steps", "checkpointing_steps", "lr_warmup_steps"),
                        minimum=0)
     if not 0.0 <= args.flip_p <= 1.0:
@@ -276,7 +281,8 @@ def training_config(args: argparse.Namespace, resolution: int, examples_per_clas
         learning_rate=learning_rate, lr_scheduler=args.lr_scheduler, lr_warmup_steps=args.lr_warmup_steps,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_weight_decay=args.adam_weight_decay,
         adam_epsilon=args.adam_epsilon, learnable_property=args.learnable_property,
-        initializer_token=args.initializer_token, checkpointing_steps=args.checkpointing_steps or None,
+        initializer_token=args.initializer_token, num_vectors=args.num_vectors,
+        checkpointing_steps=args.checkpointing_steps or None,
         checkpoints_total_limit=args.checkpoints_total_limit, save_steps=args.save_steps or None,
         micro_batch_size=args.micro_batch_size, cache_latents=args.cache_latents,
         resume=args.resume_from_checkpoint == "latest")

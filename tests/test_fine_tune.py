@@ -115,25 +115,29 @@ def test_training_lowers_the_loss_on_a_fixed_batch_and_changes_only_placeholder_
         assert torch.equal(weight[token_id], saved)
 
 
-def reference_textual_inversion_updates(tiny_model_path, images, draws, learning_rate: float) -> torch.Tensor:
+def reference_textual_inversion_updates(tiny_model_path, images, draws, learning_rate: float,
+                                        num_vectors: int = 1) -> torch.Tensor:
     """The reference loop (diffusers' textual_inversion example), written out: AdamW over the whole input-embedding
     matrix, every other row restored after each step. `draws` supply the random choices (image, flip, template,
-    timestep, noise, posterior ε) of each update. Returns the placeholder's row after the updates."""
+    timestep, noise, posterior ε) of each update. With `num_vectors` N the placeholders are `<car>`, `<car>_1`, ...,
+    all started from "the" and all written in the captions; the loss target is the noise, or for a v-prediction
+    model the velocity √ᾱ·ε − √(1−ᾱ)·x₀. Returns the placeholder rows after the updates ([dim], or [N, dim])."""
     from semantic_aug.core.stable_diffusion import load_sd_components
 
     tokenizer, text_encoder, vae, unet, noise_scheduler = load_sd_components(tiny_model_path)
-    tokenizer.add_tokens(["<car>"])
+    placeholders = ["<car>"] + [f"<car>_{i}" for i in range(1, num_vectors)]
+    tokenizer.add_tokens(placeholders)
     text_encoder.resize_token_embeddings(len(tokenizer))
-    placeholder_id = tokenizer.convert_tokens_to_ids("<car>")
+    placeholder_ids = tokenizer.convert_tokens_to_ids(placeholders)
     weight = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
-        weight[placeholder_id] = weight[tokenizer("the", add_special_tokens=False).input_ids[0]]
+        weight[placeholder_ids] = weight[tokenizer("the", add_special_tokens=False).input_ids[0]].clone()
     for model in (vae, unet, text_encoder):
         model.requires_grad_(False)
     weight.requires_grad_(True)
     optimizer = torch.optim.AdamW([weight], lr=learning_rate, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     original = weight.detach().clone()
-    keep = torch.arange(len(tokenizer)) != placeholder_id
+    keep = ~torch.isin(torch.arange(len(tokenizer)), torch.tensor(placeholder_ids))
     text_encoder.train()
     for draw in draws:
         pixels, captions = [], []
@@ -142,7 +146,7 @@ def reference_textual_inversion_updates(tiny_model_path, images, draws, learning
             if flip:
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             pixels.append(torch.from_numpy(np.array(image).astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1))
-            captions.append(OBJECT_TEMPLATES[template].format("<car>"))
+            captions.append(OBJECT_TEMPLATES[template].format(" ".join(placeholders)))
         # latent_dist.sample() × scaling factor with the draw's ε, scaled term by term as the trainer's latent cache
         # does (scaling the sum instead moves the vector by 5e-7 after two updates at this rate, by rounding alone)
         posterior = vae.encode(torch.stack(pixels)).latent_dist
@@ -153,19 +157,29 @@ def reference_textual_inversion_updates(tiny_model_path, images, draws, learning
                               max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
         encoder_hidden_states = text_encoder(input_ids)[0]
         prediction = unet(noisy_latents, draw.timesteps, encoder_hidden_states).sample
-        loss = F.mse_loss(prediction.float(), draw.noise.float(), reduction="mean")
+        target = draw.noise
+        if noise_scheduler.config.prediction_type == "v_prediction":
+            alpha_bar = noise_scheduler.alphas_cumprod[draw.timesteps].view(-1, 1, 1, 1)
+            target = alpha_bar.sqrt() * draw.noise - (1 - alpha_bar).sqrt() * latents
+        loss = F.mse_loss(prediction.float(), target.float(), reduction="mean")
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         with torch.no_grad():
             weight[keep] = original[keep]
-    return weight[placeholder_id].detach().clone()
+    rows = weight[placeholder_ids].detach().clone()
+    return rows[0] if num_vectors == 1 else rows
 
 
-def test_two_updates_equal_the_reference_loop_with_the_same_draws(parts, accelerator, tmp_path, tiny_model_path):
+@pytest.mark.parametrize("model, num_vectors", [("tiny", 1), ("tiny", 3), ("tiny-sd2", 2)])
+def test_two_updates_equal_the_reference_loop_with_the_same_draws(accelerator, tmp_path, model, num_vectors):
+    """The reference's single vector, diffusers' multi-vector tokens, and SD 2.x's v-prediction loss."""
+    from semantic_aug.core.stable_diffusion import load_sd_components, resolve_model_path
+
+    model_path = resolve_model_path(model)
     learning_rate, updates = 1e-1, 2  # a high rate, so that a wrong weight decay moves the vector visibly
-    trainer = make_trainer(parts, accelerator, train_batch_size=2, learning_rate=learning_rate,
-                           max_train_steps=updates)
+    trainer = make_trainer(load_sd_components(model_path), accelerator, train_batch_size=2,
+                           learning_rate=learning_rate, max_train_steps=updates, num_vectors=num_vectors)
     spec = class_specs(tmp_path)[0]
     with trainer.start([spec], seed=0) as group:
         generator_state, order_state = group.generators[0].get_state(), group.epoch_orders[0].state_dict()
@@ -177,7 +191,9 @@ def test_two_updates_equal_the_reference_loop_with_the_same_draws(parts, acceler
         learned = group.vector(0)
     assert any(draw.flip.any() for draw in draws)  # the mirrored images are exercised
     assert (learned - trainer.initializer_vector).abs().max() > learning_rate  # AdamW moves each coordinate ~lr
-    reference = reference_textual_inversion_updates(tiny_model_path, spec.images, draws, learning_rate)
+    assert learned.shape == ((trainer.initializer_vector.shape[0],) if num_vectors == 1 else
+                             (num_vectors, trainer.initializer_vector.shape[0]))
+    reference = reference_textual_inversion_updates(model_path, spec.images, draws, learning_rate, num_vectors)
     torch.testing.assert_close(learned, reference, rtol=0, atol=1e-6)  # bit-identical on this CPU
 
 

@@ -1,13 +1,17 @@
 """Learned Textual Inversion tokens: names, files, loading into a text encoder, and `embedding_noise` (DIAGen a).
 
-One token per class, `<class_name>` with spaces turned into `_` (`<cell_phone>`). DIAGen's contribution (a)
+One token per class, `<class_name>` with spaces turned into `_` (`<cell_phone>`). A token may hold several vectors
+(`fine_tune.py --num_vectors N`, as the DA-Fusion paper learned 4): its value is then [N, dim], and in a tokenizer it
+is the N tokens `<class_name>`, `<class_name>_1`, ..., `<class_name>_{N-1}`, which a prompt's `<class_name>` expands
+to (diffusers' `load_textual_inversion` and `maybe_convert_prompt` use the same names). DIAGen's contribution (a)
 adds noisy copies `<class_name_σ>` = e + σ·N(0, I) for each standard deviation σ (absolute, not relative to
 the embedding's norm), so that generation can pick between slightly different versions of a class concept.
 
 File formats (compatible with the reference):
     per class:  `fine-tuned/{dataset}-{seed}-{epc}/{class_}/learned_embeds.bin`, torch.save({"<class_>": [dim]})
+                ([N, dim] for N > 1 vectors)
                 (+ `learned_embeds.safetensors`, the same dict, which diffusers' `load_textual_inversion` reads)
-    merged:     `tokens/{dataset}-tokens/{dataset}-{seed}-{epc}.pt`, {"<class_>": [dim], ...}
+    merged:     `tokens/{dataset}-tokens/{dataset}-{seed}-{epc}.pt`, {"<class_>": [dim] or [N, dim], ...}
     with noise: `tokens/{dataset}-tokens/noise/{dataset}-{seed}-{epc}.pt`, originals and `<class_σ>` per σ
 
 SDXL has two text encoders, and a token has a vector in each. The first encoder's vectors are the files above,
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -41,6 +46,37 @@ def class_folder_name(class_name: str) -> str:
 def token_name(class_name: str) -> str:
     """The learned token of a class: `cell phone` -> `<cell_phone>`."""
     return f"{TOKEN_OPEN}{class_folder_name(class_name)}{TOKEN_CLOSE}"
+
+
+def vector_token_names(token: str, num_vectors: int) -> list[str]:
+    """The tokenizer tokens of a token with `num_vectors` vectors: `<car>`, `<car>_1`, ..., `<car>_{N-1}` (the names
+    diffusers' `load_textual_inversion` gives the rows of an [N, dim] embedding)."""
+    return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
+
+
+def num_vectors_of(vector: torch.Tensor) -> int:
+    """How many vectors a token's value holds: 1 for [dim], N for [N, dim]."""
+    return 1 if vector.dim() == 1 else vector.shape[0]
+
+
+def expand_vector_tokens(prompt: str, tokenizer) -> str:
+    """Write every multi-vector token of `prompt` as all its vector tokens: `a photo of a <car>` becomes
+    `a photo of a <car> <car>_1 <car>_2` when `<car>` was added with 3 vectors. Single-vector tokens and words stay.
+
+    This is what diffusers' `TextualInversionLoaderMixin.maybe_convert_prompt` does before its pipelines encode a
+    prompt; prompt states built by hand from the tokenizer need it too, or they would use only the first vector.
+    Unlike diffusers' plain substring replacement, `<car>` is not matched inside `<car>_1`.
+    """
+    added = tokenizer.added_tokens_encoder
+    for token in dict.fromkeys(tokenizer.tokenize(prompt)):
+        if token not in added or f"{token}_1" not in added:
+            continue
+        count = 1
+        while f"{token}_{count}" in added:
+            count += 1
+        replacement = " ".join(vector_token_names(token, count))
+        prompt = re.sub(re.escape(token) + r"(?!_\d)", lambda match: replacement, prompt)
+    return prompt
 
 
 def noisy_token_name(class_name: str, std: float) -> str:
@@ -74,7 +110,8 @@ def embedding_noise(embeddings: Mapping[str, torch.Tensor], std_deviations: Sequ
     depend on which other tokens are in the file or on their order, and reruns give the same file.
 
     Args:
-        embeddings: token (`<name>`) -> embedding vector [dim].
+        embeddings: token (`<name>`) -> embedding [dim], or [N, dim] for a multi-vector token (every vector gets
+            its own noise).
         std_deviations: absolute noise standard deviations (the paper uses 0.005, 0.01, 0.025).
         seed: seeds every draw.
 
@@ -92,6 +129,16 @@ def embedding_noise(embeddings: Mapping[str, torch.Tensor], std_deviations: Sequ
             draw = torch.randn(vector.shape, generator=generator, dtype=torch.float32)
             noisy[name] = (vector.float() + float(std) * draw).to(vector.dtype)
     return noisy
+
+
+def embedding_rms(embeddings: Mapping[str, torch.Tensor]) -> float:
+    """Root mean square of all coordinates of `embeddings`: the scale an absolute σ of `embedding_noise` meets.
+
+    Learned tokens start from a word of the model's vocabulary and stay near its scale, so this tells how large a
+    given σ is for the model at hand (σ / RMS is the relative noise).
+    """
+    values = torch.cat([vector.float().reshape(-1) for vector in embeddings.values()])
+    return float(values.square().mean().sqrt())
 
 
 def tokens_path(dataset: str, seed: int, examples_per_class: int, noise: bool = False,
@@ -132,7 +179,7 @@ def _read_token_dict(path: Path) -> dict:
 
 def load_tokens(path: str | os.PathLike, class_names: Sequence[str] | None = None,
                 embedding_dim: int | None = None) -> dict[str, torch.Tensor]:
-    """Read a token file (a dict token -> tensor [dim]; `[1, dim]` is flattened) and check it.
+    """Read a token file (a dict token -> tensor [dim] or [N, dim]; `[1, dim]` is flattened) and check it.
 
     Args:
         path: a `.pt`/`.bin` (torch.save) or `.safetensors` file.
@@ -140,11 +187,11 @@ def load_tokens(path: str | os.PathLike, class_names: Sequence[str] | None = Non
         embedding_dim: if given, every vector must have this width (the text encoder's hidden size).
 
     Returns:
-        token -> float tensor [dim], in file order.
+        token -> float tensor [dim] (one vector) or [N, dim] (N > 1 vectors), in file order.
 
     Raises:
-        UserError: missing file, not a torch/safetensors dict, non-tensor or multi-vector values, a class without
-            its token, or the wrong width.
+        UserError: missing file, not a torch/safetensors dict, non-tensor values or values of another shape, a class
+            without its token, or the wrong width.
     """
     path = Path(path)
     data = _read_token_dict(path)
@@ -154,11 +201,11 @@ def load_tokens(path: str | os.PathLike, class_names: Sequence[str] | None = Non
             raise UserError(f"malformed token file {path}: entry {token!r} is not a string -> tensor pair")
         if value.dim() == 2 and value.shape[0] == 1:
             value = value[0]
-        if value.dim() != 1:
+        if value.dim() not in (1, 2) or value.numel() == 0:
             raise UserError(f"malformed token file {path}: token {token} has shape {tuple(value.shape)}, "
-                            f"expected one vector [dim]")
-        if embedding_dim is not None and value.shape[0] != embedding_dim:
-            raise UserError(f"token {token} in {path} is {value.shape[0]} wide, but the text encoder expects "
+                            f"expected [dim] or [num_vectors, dim]")
+        if embedding_dim is not None and value.shape[-1] != embedding_dim:
+            raise UserError(f"token {token} in {path} is {value.shape[-1]} wide, but the text encoder expects "
                             f"{embedding_dim}; the tokens were learned with another model")
         tokens[token] = value
     if not tokens:
@@ -194,7 +241,8 @@ def save_learned_embeds(folder: str | os.PathLike, token: str, vector: torch.Ten
 
 def collect_class_tokens(run_dir: str | os.PathLike, class_names: Sequence[str],
                          file_name: str = LEARNED_EMBEDS_NAME) -> dict[str, torch.Tensor]:
-    """Read every class's `{run_dir}/{class_}/learned_embeds.bin` into one dict `<class_>` -> vector, in class order
+    """Read every class's `{run_dir}/{class_}/learned_embeds.bin` into one dict `<class_>` -> [dim] or [N, dim], in
+    class order
     (`file_name`: another per-class file, such as SDXL's `learned_embeds_2.safetensors`).
 
     Raises:
@@ -218,7 +266,7 @@ def collect_class_tokens(run_dir: str | os.PathLike, class_names: Sequence[str],
         if list(found) != [expected]:
             raise UserError(f"{path} holds token(s) {', '.join(found)}, expected exactly {expected}")
         tokens[expected] = found[expected]
-    widths = {vector.shape[0] for vector in tokens.values()}
+    widths = {vector.shape[-1] for vector in tokens.values()}
     if len(widths) > 1:
         raise UserError(f"the class tokens in {run_dir} have different widths {sorted(widths)}; they come from "
                         f"different models")
@@ -228,31 +276,42 @@ def collect_class_tokens(run_dir: str | os.PathLike, class_names: Sequence[str],
 def add_tokens_to_text_encoder(tokenizer, text_encoder, tokens: Mapping[str, torch.Tensor]) -> list[int]:
     """Add `tokens` to the tokenizer and write their vectors into the text encoder's input embedding.
 
-    A token that an earlier call already added is reused (its vector overwritten); a token that is a word of
-    the base vocabulary is refused, since overwriting it would change every prompt that uses the word.
+    A token with an [N, dim] value becomes the N tokens `vector_token_names(token, N)`, one embedding row each, as
+    diffusers' `load_textual_inversion` adds it; `expand_vector_tokens` then writes a prompt's `token` as all N.
+    A token that an earlier call already added is reused (its vectors overwritten); a token that is a word of
+    the base vocabulary is refused, since overwriting it would change every prompt that uses the word. The
+    function takes a tokenizer and its text encoder rather than a pipeline, so that a model with two text encoders
+    can call it once per encoder.
 
     Args:
         tokenizer: a CLIP tokenizer.
         text_encoder: its CLIP text model.
-        tokens: token -> vector [dim].
+        tokens: token -> vector [dim] or vectors [N, dim].
 
     Returns:
-        The token ids, in the order of `tokens`.
+        The ids of the tokenizer tokens, in the order of `tokens` and, within a token, of its vectors.
 
     Raises:
         UserError: a token that is part of the base vocabulary, one that does not tokenize to exactly one id,
-            or a vector of the wrong width.
+            a vector of the wrong width, or a token added before with another number of vectors.
     """
     width = text_encoder.get_input_embeddings().weight.shape[1]
+    rows: dict[str, torch.Tensor] = {}  # tokenizer token -> its vector
     for token, vector in tokens.items():
-        if vector.shape[-1] != width or vector.numel() != width:
-            raise UserError(f"token {token} has shape {tuple(vector.shape)}, but the text encoder expects [{width}]; "
-                            f"the tokens were learned with another model")
-        if token in tokenizer.get_vocab() and token not in tokenizer.added_tokens_encoder:
-            raise UserError(f"token {token} is already a word of the tokenizer's vocabulary; choose another name")
-    tokenizer.add_tokens(list(tokens))
-    ids = tokenizer.convert_tokens_to_ids(list(tokens))
-    for token, token_id in zip(tokens, ids):
+        if vector.dim() not in (1, 2) or vector.shape[-1] != width or vector.numel() == 0:
+            raise UserError(f"token {token} has shape {tuple(vector.shape)}, but the text encoder expects [{width}] "
+                            f"or [num_vectors, {width}]; the tokens were learned with another model")
+        names = vector_token_names(token, num_vectors_of(vector))
+        if f"{token}_{len(names)}" in tokenizer.added_tokens_encoder:  # a stale extra vector would join its prompts
+            raise UserError(f"token {token} was added to this model with more vectors than its {len(names)}; "
+                            f"load the token file into a freshly loaded model")
+        for name, row in zip(names, vector.reshape(-1, width)):
+            if name in tokenizer.get_vocab() and name not in tokenizer.added_tokens_encoder:
+                raise UserError(f"token {name} is already a word of the tokenizer's vocabulary; choose another name")
+            rows[name] = row
+    tokenizer.add_tokens(list(rows))
+    ids = tokenizer.convert_tokens_to_ids(list(rows))
+    for token, token_id in zip(rows, ids):
         encoded = tokenizer(token, add_special_tokens=False).input_ids
         if encoded != [token_id]:
             raise UserError(f"token {token} does not tokenize to one id (got {encoded}); use a name without spaces")
@@ -260,8 +319,8 @@ def add_tokens_to_text_encoder(tokenizer, text_encoder, tokens: Mapping[str, tor
         text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows are written below
     weight = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
-        for token_id, vector in zip(ids, tokens.values()):
-            weight[token_id] = vector.reshape(-1).to(weight.device, weight.dtype)
+        for token_id, vector in zip(ids, rows.values()):
+            weight[token_id] = vector.to(weight.device, weight.dtype)
     return ids
 
 

@@ -7,6 +7,11 @@ weights) and saved as a normal diffusers folder, so it loads through exactly the
 as `CompVis/stable-diffusion-v1-4` or any local diffusers folder. Its images are noise: it exists so that
 every script runs end to end on a CPU in seconds.
 
+`tiny-sd2` is its SD 2.x counterpart, with what sets SD 2.x apart from SD 1.x in diffusers' configs: the text
+encoder's exact `gelu` (OpenCLIP) instead of `quick_gelu`, the tokenizer's pad token `!`, a UNet with linear
+attention projections and a constant attention head width, and a v-prediction DDIM scheduler (as
+`stabilityai/stable-diffusion-2-1`). It runs through the same pipeline classes as SD 1.x, as SD 2.x does.
+
 `tiny-sdxl` is the same for Stable Diffusion XL: two CLIP text encoders (the second with a projection, whose pooled
 output conditions the UNet), two tokenizers from the shipped vocabulary (the second pads with "!", as SDXL's does),
 a UNet with SDXL's added text/time conditioning, and SDXL's Euler scheduler. `semantic_aug.core.model_family`
@@ -15,6 +20,7 @@ tells the families apart from the saved folders.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -26,6 +32,9 @@ from semantic_aug.core.model_family import detect_family
 from semantic_aug.core.utils import UserError
 
 TINY_MODEL_NAME = "tiny"
+TINY_SD2_MODEL_NAME = "tiny-sd2"
+TINY_SD2_MODEL_VERSION = "1"  # bump when the tiny-sd2 configs change, so caches rebuild
+SD2_PAD_TOKEN = "!"  # SD 2.x pads prompts with "!" (id 0), SD 1.x with its end token
 TINY_MODEL_SEED = 0
 TINY_MODEL_VERSION = "2"  # bump when the tiny configs change, so caches rebuild
 TINY_SDXL_MODEL_NAME = "tiny-sdxl"
@@ -36,6 +45,9 @@ VAE_SCALING_FACTOR = 0.18215  # SD v1 latent scale
 # SD v1.4's noise schedule; PNDM (without its Runge-Kutta warm-up) is its inference scheduler
 SD_V1_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                        skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+# SD 2.1's: the same noise schedule, DDIM, and a UNet that predicts the velocity v instead of the noise
+SD_V2_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                       clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
 
 VAE_SCALING_FACTOR_XL = 0.13025  # SDXL's latent scale
 SDXL_PAD_TOKEN = "!"  # the second SDXL tokenizer pads with "!" where the first pads with <|endoftext|>
@@ -72,11 +84,12 @@ def enable_compile_cache() -> Path:
     return folder
 
 
-def load_tokenizer(path: str | os.PathLike = TOKENIZER_DIR):
-    """The SD1.x CLIP tokenizer (from a model folder's `tokenizer/` or the shipped files)."""
+def load_tokenizer(path: str | os.PathLike = TOKENIZER_DIR, **kwargs):
+    """The SD1.x CLIP tokenizer (from a model folder's `tokenizer/` or the shipped files); `kwargs` override its
+    settings (`pad_token="!"` gives SD 2.x's)."""
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(str(path), model_max_length=CLIP_MAX_LENGTH)
+    return CLIPTokenizer.from_pretrained(str(path), model_max_length=CLIP_MAX_LENGTH, **kwargs)
 
 
 def build_tiny_stable_diffusion(output_dir: str | os.PathLike) -> Path:
@@ -110,17 +123,53 @@ def build_tiny_stable_diffusion(output_dir: str | os.PathLike) -> Path:
     return save_stable_diffusion(output_dir, tokenizer, text_encoder, vae, unet)
 
 
-def save_stable_diffusion(output_dir: str | os.PathLike, tokenizer, text_encoder, vae, unet) -> Path:
-    """Save SD v1.x parts with SD v1.4's PNDM inference scheduler as a diffusers folder, atomically (a folder that
-    another process finished first is kept).
+def build_tiny_sd2(output_dir: str | os.PathLike) -> Path:
+    """Build the tiny random SD 2.x-architecture pipeline from configs and save it as a diffusers folder.
+
+    Sizes are `tiny`'s, except a 64-wide text encoder (so its tokens cannot be mixed up with `tiny`'s 32-wide ones);
+    the SD 2.x traits are listed in the module docstring. Attention heads are 16 wide in every block, as SD 2.x's
+    are 64 wide (`attention_head_dim` gives the head count per block, 5/10/20/20 in SD 2.x).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = load_tokenizer(pad_token=SD2_PAD_TOKEN)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(TINY_MODEL_SEED)
+    try:
+        unet = UNet2DConditionModel(
+            sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=32)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=32, sample_size=64,
+            scaling_factor=VAE_SCALING_FACTOR)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=CLIP_MAX_LENGTH, hidden_act="gelu", bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=64))
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return save_stable_diffusion(output_dir, tokenizer, text_encoder, vae, unet,
+                                 scheduler=DDIMScheduler(**SD_V2_SCHEDULER))
+
+
+def save_stable_diffusion(output_dir: str | os.PathLike, tokenizer, text_encoder, vae, unet, scheduler=None) -> Path:
+    """Save SD parts as a diffusers folder, atomically (a folder that another process finished first is kept).
+
+    Args:
+        scheduler: the inference scheduler; None is SD v1.4's PNDM.
 
     Returns:
         `output_dir`.
     """
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
+    scheduler = PNDMScheduler(**SD_V1_SCHEDULER) if scheduler is None else scheduler
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=PNDMScheduler(**SD_V1_SCHEDULER), safety_checker=None,
+                                   scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     return _save_pipeline(pipe, output_dir, ("tokenizer",))
 
@@ -137,6 +186,10 @@ def _save_pipeline(pipe, output_dir: str | os.PathLike, tokenizer_folders: tuple
                 shutil.copy(TOKENIZER_DIR / name, staging / folder / name)
         if tokenizer_folders == ("tokenizer",):
             shutil.copy(TOKENIZER_DIR / "special_tokens_map.json", staging / "tokenizer" / "special_tokens_map.json")
+            if pipe.tokenizer.pad_token != "<|endoftext|>":  # SD 2.x: the special-token map names its own pad token
+                special_tokens = json.loads((TOKENIZER_DIR / "special_tokens_map.json").read_text())
+                special_tokens["pad_token"] = pipe.tokenizer.pad_token
+                (staging / "tokenizer" / "special_tokens_map.json").write_text(json.dumps(special_tokens, indent=2))
         if output_dir.exists():  # another process finished first; keep its copy
             shutil.rmtree(staging)
         else:
@@ -220,13 +273,18 @@ def save_stable_diffusion_xl(output_dir: str | os.PathLike, tokenizer, tokenizer
 def resolve_model_path(name_or_path: str) -> str:
     """Turn `--pretrained_model_name_or_path` into something `from_pretrained` takes.
 
-    `tiny` becomes the cached tiny model folder (built on first use); an existing folder is used as it is;
+    `tiny` and `tiny-sd2` become their cached model folders (built on first use); an existing folder is used as it is;
     anything that looks like a file-system path but does not exist is an error; the rest is a hub id.
     """
     if name_or_path == TINY_MODEL_NAME:
         path = cache_root() / f"tiny-sd-v{TINY_MODEL_VERSION}"
         if not (path / "model_index.json").is_file():
             build_tiny_stable_diffusion(path)
+        return str(path)
+    if name_or_path == TINY_SD2_MODEL_NAME:
+        path = cache_root() / f"tiny-sd2-v{TINY_SD2_MODEL_VERSION}"
+        if not (path / "model_index.json").is_file():
+            build_tiny_sd2(path)
         return str(path)
     if name_or_path == TINY_SDXL_MODEL_NAME:
         path = cache_root() / f"tiny-sdxl-v{TINY_SDXL_MODEL_VERSION}"

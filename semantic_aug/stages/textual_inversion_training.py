@@ -2,8 +2,12 @@
 
 The algorithm is the reference's: a new token `<class_>` starts from the embedding of an initializer
 word; the images of the class, resized (bicubic) and randomly mirrored, are noised at a uniform DDPM timestep;
-a random caption template ("a photo of a <class_>") conditions the frozen UNet, and the MSE between predicted and
-true noise trains only the new embedding row.
+a random caption template ("a photo of a <class_>") conditions the frozen UNet, and the MSE between the UNet's
+prediction and its target trains only the new embedding row. The target follows the scheduler's
+`prediction_type`: the noise for epsilon models (SD 1.x, SD 2.x base), the velocity for v-prediction models
+(SD 2.x at 768 px), as diffusers' training examples do. With `num_vectors` N > 1 (the DA-Fusion paper's
+multi-vector tokens) a class has N rows `<class_>`, `<class_>_1`, ..., all written in its captions and all
+started from the initializer word, as in diffusers' textual inversion example.
 
 What is different is how the work is laid out, so that 23 classes × 1000 steps fit in minutes:
 
@@ -43,7 +47,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from semantic_aug.core.embeddings import (LEARNED_EMBEDS_2_SAFE_NAME, LEARNED_EMBEDS_NAME, add_tokens_to_text_encoder,
-                                          save_learned_embeds, save_tokens, stable_seed, token_name)
+                                          save_learned_embeds, save_tokens, stable_seed, token_name,
+                                          vector_token_names)
 from semantic_aug.core.model_family import sdxl_time_ids
 from semantic_aug.core.utils import StageTimer, UserError, atomic_torch_save
 
@@ -96,6 +101,7 @@ class TextualInversionConfig:
         adam_beta1, adam_beta2, adam_weight_decay, adam_epsilon: AdamW settings (`--adam_*`).
         learnable_property: `object` or `style` caption templates (`--learnable_property`).
         initializer_token: the word whose embedding starts every class token (`--initializer-token`).
+        num_vectors: vectors per class token (`--num_vectors`); 1 is the reference.
         checkpointing_steps: save resumable state every this many updates; None never (`--checkpointing_steps`).
         checkpoints_total_limit: keep at most this many checkpoints per class; None keeps all.
         save_steps: also save `learned_embeds-steps-N.bin` every this many updates; None never (`--save_steps`).
@@ -120,6 +126,7 @@ class TextualInversionConfig:
     adam_epsilon: float = 1e-8
     learnable_property: str = "object"
     initializer_token: str = "the"
+    num_vectors: int = 1
     checkpointing_steps: int | None = 500
     checkpoints_total_limit: int | None = None
     save_steps: int | None = 500
@@ -241,13 +248,14 @@ class PerRowAdamW(torch.optim.Optimizer):
         state["step"][rows] = steps
         return None
 
-    def row_state(self, row: int) -> dict:
-        """Optimizer state of one row (CPU tensors), for a per-class checkpoint."""
+    def row_state(self, row: int | slice) -> dict:
+        """Optimizer state of one row, or of a slice of rows that update together (CPU tensors), for a per-class
+        checkpoint."""
         state = self.state[self.param]
-        return {"step": int(state["step"][row]), "exp_avg": state["exp_avg"][row].detach().cpu().clone(),
+        return {"step": int(state["step"][row].flatten()[0]), "exp_avg": state["exp_avg"][row].detach().cpu().clone(),
                 "exp_avg_sq": state["exp_avg_sq"][row].detach().cpu().clone()}
 
-    def load_row_state(self, row: int, saved: dict) -> None:
+    def load_row_state(self, row: int | slice, saved: dict) -> None:
         state = self.state[self.param]
         state["step"][row] = int(saved["step"])
         state["exp_avg"][row] = saved["exp_avg"].to(state["exp_avg"].device, state["exp_avg"].dtype)
@@ -421,6 +429,18 @@ def prepare_models(text_encoder, vae, unet, accelerator, gradient_checkpointing:
     return weight_dtype
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # the UNet targets Textual Inversion can train against
+
+
+def check_prediction_type(noise_scheduler) -> str:
+    """The scheduler's `prediction_type`, or a `UserError` if Textual Inversion has no loss target for it."""
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type not in PREDICTION_TYPES:
+        raise UserError(f"the model's scheduler has prediction_type {prediction_type!r}; textual inversion trains "
+                        f"only {' or '.join(PREDICTION_TYPES)} models")
+    return prediction_type
+
+
 def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
@@ -468,6 +488,7 @@ class TextualInversionTrainer:
         self.noise_scheduler = noise_scheduler
         self.accelerator = accelerator
         self.device = accelerator.device
+        check_prediction_type(noise_scheduler)
         self.weight_dtype = prepare_models(text_encoder, vae, unet, accelerator, gradient_checkpointing, channels_last)
         self.unet_forward = torch.compile(unet) if compile else unet
         self.run_settings = dict(run_settings or {})
@@ -482,6 +503,8 @@ class TextualInversionTrainer:
         if config.micro_batch_size:
             self.micro_batch_size = config.micro_batch_size
         self.initializer_vector = self._initializer_vector(config.initializer_token)
+        if config.num_vectors < 1:
+            raise UserError(f"--num_vectors must be at least 1, got {config.num_vectors}")
         if self.text_encoder_2 is not None:
             self.initializer_vector_2 = self._initializer_vector(config.initializer_token, self.tokenizer_2,
                                                                  self.text_encoder_2)
@@ -528,10 +551,15 @@ class TrainingGroup:
         self.trainer, self.classes, self.seed = trainer, classes, seed
         config = trainer.config
         self.tokens = [spec.token for spec in classes]
+        self.num_vectors = config.num_vectors
+        start = trainer.initializer_vector if self.num_vectors == 1 else \
+            trainer.initializer_vector.expand(self.num_vectors, -1)
+        # the learned parameter has one row per vector: class r owns rows r*N ... r*N+N-1 (`self.rows(r)`)
         self.token_ids = add_tokens_to_text_encoder(trainer.tokenizer, trainer.text_encoder,
-                                                    {token: trainer.initializer_vector for token in self.tokens})
+                                                    {token: start for token in self.tokens})
         self.second = SecondEncoderTokens(self) if trainer.text_encoder_2 is not None else None
-        self.caption_ids = [self._caption_ids(token) for token in self.tokens]
+        self.caption_ids = [self._caption_ids(" ".join(vector_token_names(token, self.num_vectors)))
+                            for token in self.tokens]
         self.latents = [LatentSource(trainer.vae, self._pixels(spec), trainer.weight_dtype, trainer.device,
                                      config.cache_latents) for spec in classes]
         self.generators = [torch.Generator().manual_seed(stable_seed(seed, spec.name)) for spec in classes]
@@ -541,7 +569,7 @@ class TrainingGroup:
         self.settings = [dict(trainer.run_settings, **config.settings(), seed=seed, token=spec.token,
                               images=[str(i) for i in spec.image_ids]) for spec in classes]
         self._context = placeholder_embedding(trainer.text_encoder, self.token_ids,
-                                              trainer.initializer_vector.expand(len(classes), -1))
+                                              trainer.initializer_vector.expand(len(self.token_ids), -1))
         self.embedding = self._context.__enter__()
         try:
             self.optimizer = PerRowAdamW(self.embedding.learned, lr=config.learning_rate, schedule=trainer.schedule,
@@ -578,9 +606,14 @@ class TrainingGroup:
         config = self.trainer.config
         return torch.stack([preprocess_image(image, config.resolution, config.center_crop) for image in spec.images])
 
-    def _caption_ids(self, token: str) -> torch.Tensor:
-        """The caption templates' token ids [templates, 77], or for SDXL both tokenizers' [templates, 2, 77]."""
-        captions = [template.format(token) for template in self.trainer.templates]
+    def rows(self, row: int) -> int | slice:
+        """The learned-parameter rows of class `row`: one index for single-vector tokens, a slice of N otherwise."""
+        return row if self.num_vectors == 1 else slice(row * self.num_vectors, (row + 1) * self.num_vectors)
+
+    def _caption_ids(self, placeholder: str) -> torch.Tensor:
+        """Every caption template filled with `placeholder` (a class's vector tokens joined by spaces), tokenized:
+        [templates, 77], or for SDXL both tokenizers' [templates, 2, 77]."""
+        captions = [template.format(placeholder) for template in self.trainer.templates]
         tokenizers = [self.trainer.tokenizer] + ([self.trainer.tokenizer_2] if self.second is not None else [])
         ids = [tokenizer(captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
                          return_tensors="pt").input_ids for tokenizer in tokenizers]
@@ -603,13 +636,10 @@ class TrainingGroup:
         timesteps = torch.cat([draw.timesteps for _, draw in draws]).to(device)
         input_ids = torch.cat([self.caption_ids[row][draw.template_index] for row, draw in draws]).to(device)
         noisy_latents = scheduler.add_noise(latents, noise, timesteps)
-        prediction_type = scheduler.config.prediction_type
-        if prediction_type == "epsilon":
-            target = noise
-        elif prediction_type == "v_prediction":
+        if check_prediction_type(scheduler) == "v_prediction":
             target = scheduler.get_velocity(latents, noise, timesteps)
         else:
-            raise UserError(f"unsupported noise scheduler prediction_type {prediction_type!r}")
+            target = noise
         return noisy_latents, timesteps, input_ids, target
 
     def _per_sample_loss(self, noisy_latents, timesteps, input_ids, target) -> torch.Tensor:
@@ -674,7 +704,7 @@ class TrainingGroup:
     @property
     def steps(self) -> list[int]:
         """Updates done per class."""
-        return self.optimizer.steps.tolist()
+        return self.optimizer.steps[::self.num_vectors].tolist()
 
     def active_rows(self) -> list[int]:
         return [row for row, step in enumerate(self.steps) if step < self.trainer.config.max_train_steps]
@@ -694,11 +724,12 @@ class TrainingGroup:
         mask[active] = True
         self._skip_nonfinite(loss_sums, active, mask)
         optimizers = [self.optimizer] + ([self.second.optimizer] if self.second is not None else [])
+        rows = mask.repeat_interleave(self.num_vectors)  # every vector of an active class
         for optimizer in optimizers:
             if self.scaler is not None:
-                self.scaler.step(optimizer, active=mask)
+                self.scaler.step(optimizer, active=rows)
             else:
-                optimizer.step(active=mask)
+                optimizer.step(active=rows)
             optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.update()
@@ -771,7 +802,8 @@ class TrainingGroup:
                         Path(spec.output_dir) / LEARNED_EMBEDS_NAME)
 
     def vector(self, row: int) -> torch.Tensor:
-        return self.embedding.learned[row].detach().float().cpu().clone()
+        """Class `row`'s learned token: [dim], or [N, dim] for N vectors."""
+        return self.embedding.learned[self.rows(row)].detach().float().cpu().clone()
 
     def learned_embeddings(self) -> dict[str, torch.Tensor]:
         return {token: self.vector(row) for row, token in enumerate(self.tokens)}
@@ -783,11 +815,12 @@ class TrainingGroup:
         spec, config = self.classes[row], self.trainer.config
         step = self.steps[row]
         state = {"format": CHECKPOINT_FORMAT, "token": spec.token, "embedding": self.vector(row),
-                 "optimizer": self.optimizer.row_state(row), "generator": self.generators[row].get_state(),
+                 "optimizer": self.optimizer.row_state(self.rows(row)), "generator": self.generators[row].get_state(),
                  "epoch_order": self.epoch_orders[row].state_dict(), "losses": list(self.losses[row]), "settings": self.settings[row],
                  "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
         if self.second is not None:
-            state.update(embedding_2=self.second.vector(row), optimizer_2=self.second.optimizer.row_state(row))
+            state.update(embedding_2=self.second.vector(row),
+                         optimizer_2=self.second.optimizer.row_state(self.rows(row)))
         path = Path(spec.output_dir) / f"checkpoint-{step}.pt"
         atomic_torch_save(state, path)
         if config.checkpoints_total_limit:
@@ -821,14 +854,14 @@ class TrainingGroup:
             raise UserError(f"checkpoint {path} was written with other settings ({', '.join(changed)}); delete it or "
                             f"pass --resume_from_checkpoint none")
         with torch.no_grad():
-            self.embedding.learned[row] = state["embedding"].to(self.embedding.learned.device)
-        self.optimizer.load_row_state(row, state["optimizer"])
+            self.embedding.learned[self.rows(row)] = state["embedding"].to(self.embedding.learned.device)
+        self.optimizer.load_row_state(self.rows(row), state["optimizer"])
         if self.second is not None:
             if "embedding_2" not in state:
                 raise UserError(f"checkpoint {path} holds no second-encoder vector; delete it to restart the class")
             with torch.no_grad():
-                self.second.embedding.learned[row] = state["embedding_2"].to(self.second.embedding.learned.device)
-            self.second.optimizer.load_row_state(row, state["optimizer_2"])
+                self.second.embedding.learned[self.rows(row)] = state["embedding_2"].to(self.second.embedding.learned.device)
+            self.second.optimizer.load_row_state(self.rows(row), state["optimizer_2"])
         self.generators[row].set_state(state["generator"])
         self.epoch_orders[row].load_state_dict(state["epoch_order"])
         self.losses[row] = list(state["losses"])
@@ -869,17 +902,20 @@ class SecondEncoderTokens:
     def __init__(self, group: "TrainingGroup"):
         trainer, config = group.trainer, group.trainer.config
         initial = trainer.initializer_vector_2
+        start = initial if group.num_vectors == 1 else initial.expand(group.num_vectors, -1)
+        self.group = group
         self.token_ids = add_tokens_to_text_encoder(trainer.tokenizer_2, trainer.text_encoder_2,
-                                                    {token: initial for token in group.tokens})
+                                                    {token: start for token in group.tokens})
         self._context = placeholder_embedding(trainer.text_encoder_2, self.token_ids,
-                                              initial.expand(len(group.tokens), -1))
+                                              initial.expand(len(self.token_ids), -1))
         self.embedding = self._context.__enter__()
         self.optimizer = PerRowAdamW(self.embedding.learned, lr=config.learning_rate, schedule=trainer.schedule,
                                      betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
                                      weight_decay=config.adam_weight_decay)
 
     def vector(self, row: int) -> torch.Tensor:
-        return self.embedding.learned[row].detach().float().cpu().clone()
+        """Class `row`'s second-encoder token: [dim], or [N, dim] for N vectors."""
+        return self.embedding.learned[self.group.rows(row)].detach().float().cpu().clone()
 
     def close(self, *exc_info) -> None:
         """Write the learned rows into the second encoder's embedding matrix and remove the placeholder module."""

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from semantic_aug.acceleration import Acceleration
+from semantic_aug.core.embeddings import expand_vector_tokens
 from semantic_aug.core.utils import UserError
 from semantic_aug.stages.augmentations.sdxl_conditioning import SDXLConditioning
 
@@ -187,9 +188,11 @@ class DiffusionSampler:
     # -- the steps of img2img ----------------------------------------------------------------------------------
 
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text-encoder states (len(prompts), 77, width) for `prompts`; each distinct prompt is encoded once."""
+        """Text-encoder states (len(prompts), 77, width) for `prompts`; each distinct prompt is encoded once.
+        A multi-vector token is written out as all its vectors first, as diffusers' pipelines do."""
         unique = list(dict.fromkeys(prompts))
-        ids = self.tokenizer(unique, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+        ids = self.tokenizer([expand_vector_tokens(prompt, self.tokenizer) for prompt in unique], padding="max_length",
+                             max_length=self.tokenizer.model_max_length, truncation=True,
                              return_tensors="pt").input_ids
         states = self.text_encoder(self.runner.to_device(ids))[0]
         position = {prompt: i for i, prompt in enumerate(unique)}

@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from semantic_aug.core.embeddings import expand_vector_tokens
 from semantic_aug.core.model_family import SDXL_CROP_TOP_LEFT, sdxl_time_ids
 
 AESTHETIC_SCORE = 6.0  # the img2img pipeline's default aesthetic score for the prompt (refiner-style models only)
@@ -53,7 +54,8 @@ class SDXLConditioning:
         unique = list(dict.fromkeys(prompts))
         states = []
         for tokenizer, text_encoder in zip(self.tokenizers, self.text_encoders):
-            ids = tokenizer(unique, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+            expanded = [expand_vector_tokens(prompt, tokenizer) for prompt in unique]  # multi-vector tokens
+            ids = tokenizer(expanded, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                             return_tensors="pt").input_ids
             output = text_encoder(to_device(ids), output_hidden_states=True)
             states.append(output.hidden_states[-2])
