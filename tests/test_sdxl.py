@@ -121,15 +121,17 @@ def toy_specs(root):
     return [ClassSpec("car", images, root / "car", image_ids=["car-0", "car-1"])]
 
 
-def test_sdxl_tokens_train_in_both_encoders_and_load_in_stock_diffusers(tiny_sdxl_path, tmp_path):
+@pytest.mark.parametrize("num_vectors", [1, 2])
+def test_sdxl_tokens_train_in_both_encoders_and_load_in_stock_diffusers(tiny_sdxl_path, tmp_path, num_vectors):
     """Both encoders' vectors move away from the initializer and only their own rows change; the files are the
-    diffusers SDXL example's, and stock `load_textual_inversion` maps the token to the saved vectors in each
-    encoder."""
+    diffusers SDXL example's, and stock `load_textual_inversion` maps the token (`<car>`, and `<car>_1` for a
+    second vector) to the saved vectors in each encoder."""
     from safetensors.torch import load_file
 
+    from semantic_aug.core.embeddings import vector_token_names
     from semantic_aug.core.stable_diffusion import load_stable_diffusion
 
-    trainer = sdxl_trainer(tiny_sdxl_path)
+    trainer = sdxl_trainer(tiny_sdxl_path, num_vectors=num_vectors)
     weights = [encoder.get_input_embeddings().weight.detach().clone()
                for encoder in (trainer.text_encoder, trainer.text_encoder_2)]
     initial = (trainer.initializer_vector.clone(), trainer.initializer_vector_2.clone())
@@ -140,8 +142,9 @@ def test_sdxl_tokens_train_in_both_encoders_and_load_in_stock_diffusers(tiny_sdx
     saved = [load_file(str(folder / name))["<car>"] for name in ("learned_embeds.safetensors",
                                                                  "learned_embeds_2.safetensors")]
     for vector, start in zip(saved, initial):
-        assert vector.shape == start.shape and torch.isfinite(vector).all()
-        assert (vector - start).abs().max() > 1e-3  # trained
+        expected = start.shape if num_vectors == 1 else (num_vectors, *start.shape)
+        assert vector.shape == expected and torch.isfinite(vector).all()
+        assert ((vector - start).abs().reshape(num_vectors, -1).amax(dim=1) > 1e-3).all()  # every vector trained
     for encoder, before in zip((trainer.text_encoder, trainer.text_encoder_2), weights):
         after = encoder.get_input_embeddings().weight.detach()
         torch.testing.assert_close(after[: len(before)], before)  # every other row untouched
@@ -153,9 +156,11 @@ def test_sdxl_tokens_train_in_both_encoders_and_load_in_stock_diffusers(tiny_sdx
                                 text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
     for tokenizer, encoder, vector in ((pipe.tokenizer, pipe.text_encoder, saved[0]),
                                        (pipe.tokenizer_2, pipe.text_encoder_2, saved[1])):
-        token_id = tokenizer.convert_tokens_to_ids("<car>")
-        assert tokenizer("a photo of a <car>", add_special_tokens=False).input_ids[-1] == token_id
-        torch.testing.assert_close(encoder.get_input_embeddings().weight[token_id], vector)
+        names = vector_token_names("<car>", num_vectors)
+        token_ids = tokenizer.convert_tokens_to_ids(names)
+        prompt = pipe.maybe_convert_prompt("a photo of a <car>", tokenizer)  # stock expansion of the token
+        assert tokenizer(prompt, add_special_tokens=False).input_ids[-num_vectors:] == token_ids
+        torch.testing.assert_close(encoder.get_input_embeddings().weight[token_ids], vector.reshape(num_vectors, -1))
 
 
 class Killed(Exception):
@@ -189,9 +194,11 @@ def test_sdxl_textual_inversion_resumes_to_the_uninterrupted_vectors(tiny_sdxl_p
 # -- the scripts on the tiny SDXL ---------------------------------------------------------------------------
 
 
-def test_the_whole_pipeline_runs_on_tiny_sdxl(script_runner, tmp_path):
-    """fine_tune.py → aggregate_embeddings.py with noise → train_classifier.py with generation and the filter, on a
-    two-class folder dataset and the tiny SDXL, through the flags the scripts have for SD 1.x."""
+@pytest.mark.parametrize("num_vectors", [1, 2])
+def test_the_whole_pipeline_runs_on_tiny_sdxl(script_runner, tmp_path, num_vectors):
+    """fine_tune.py (1 and 2 vectors a token) → aggregate_embeddings.py with noise → train_classifier.py with
+    generation and the filter, on a two-class folder dataset and the tiny SDXL, through the flags the scripts have
+    for SD 1.x."""
     from semantic_aug.core.embeddings import load_tokens
 
     rng = np.random.default_rng(0)
@@ -203,13 +210,16 @@ def test_the_whole_pipeline_runs_on_tiny_sdxl(script_runner, tmp_path):
                 Image.fromarray(pixels).save(tmp_path / "data" / split / name / f"{i}.jpg")
     data = ["--dataset", "folder", "--data-dir", tmp_path / "data", "--seeds", "0", "--examples-per-class", "1"]
     script_runner("fine_tune.py", *data, "--pretrained_model_name_or_path", "tiny-sdxl", "--max_train_steps", "2",
-                  "--train_batch_size", "1", "--resolution", "32", "--joint", cwd=tmp_path, check=True)
+                  "--train_batch_size", "1", "--resolution", "32", "--joint", "--num_vectors", num_vectors, cwd=tmp_path,
+                  check=True)
     assert len(list(tmp_path.glob("fine-tuned/*/*/learned_embeds_2.safetensors"))) == 2
     script_runner("aggregate_embeddings.py", *data, "--augment-embeddings", "True", cwd=tmp_path, check=True)
     [noise_file] = tmp_path.glob("tokens/*/noise/*-0-1.pt")
     [noise_file_2] = tmp_path.glob("tokens/*/noise/*-0-1_2.pt")
     first, second = load_tokens(noise_file), load_tokens(noise_file_2)
     assert list(first) == list(second) and len(first) == 2 * 4  # each class and its 3 noisy copies, in both files
+    assert {tuple(vector.shape[:-1]) for vector in [*first.values(), *second.values()]} == \
+        {() if num_vectors == 1 else (num_vectors,)}
     assert (second["<cat_0.025>"] - second["<cat>"]).std() == pytest.approx(0.025, rel=0.5)  # noise in encoder 2
     assert not torch.equal(second["<cat_0.025>"] - second["<cat>"], first["<cat_0.025>"] - first["<cat>"])
     script_runner("train_classifier.py", *data, "--method", "diagen", "--model-path", "tiny-sdxl", "--aug",
