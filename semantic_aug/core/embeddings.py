@@ -4,11 +4,11 @@ One token per class, `<class_name>` with spaces turned into `_` (`<cell_phone>`)
 adds noisy copies `<class_name_σ>` = e + σ·N(0, I) for each standard deviation σ (absolute, not relative to
 the embedding's norm), so that generation can pick between slightly different versions of a class concept.
 
-File formats (compatible with the reference):
-    per class:  `fine-tuned/{dataset}-{seed}-{epc}/{class_}/learned_embeds.bin`, torch.save({"<class_>": [dim]})
+File formats (compatible with the reference; where they live: `semantic_aug.core.layout.RunLayout`):
+    per class:  `{fine_tuned_dir}/{class_}/learned_embeds.bin`, torch.save({"<class_>": [dim]})
                 (+ `learned_embeds.safetensors`, the same dict, which diffusers' `load_textual_inversion` reads)
-    merged:     `tokens/{dataset}-tokens/{dataset}-{seed}-{epc}.pt`, {"<class_>": [dim], ...}
-    with noise: `tokens/{dataset}-tokens/noise/{dataset}-{seed}-{epc}.pt`, originals and `<class_σ>` per σ
+    merged:     `RunLayout.tokens()`, {"<class_>": [dim], ...}
+    with noise: `RunLayout.tokens(noise=True)`, originals and `<class_σ>` per σ
 """
 
 from __future__ import annotations
@@ -86,15 +86,6 @@ def embedding_noise(embeddings: Mapping[str, torch.Tensor], std_deviations: Sequ
             draw = torch.randn(vector.shape, generator=generator, dtype=torch.float32)
             noisy[name] = (vector.float() + float(std) * draw).to(vector.dtype)
     return noisy
-
-
-def tokens_path(dataset: str, seed: int, examples_per_class: int, noise: bool = False,
-                root: str | os.PathLike = "tokens") -> Path:
-    """Where the merged token file lives: `{root}/{dataset}-tokens/[noise/]{dataset}-{seed}-{examples_per_class}.pt`."""
-    folder = Path(root) / f"{dataset}-tokens"
-    if noise:
-        folder = folder / "noise"
-    return folder / f"{dataset}-{seed}-{examples_per_class}.pt"
 
 
 def _read_token_dict(path: Path) -> dict:
