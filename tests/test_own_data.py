@@ -149,7 +149,7 @@ def test_two_folders_with_the_same_classes_share_no_cache_and_a_copy_shares_all(
                                             "--use-embedding-noise", "1"])
         check_dataset_arguments(args, [2])
         run = train_classifier.plan_run(args, 0, 2)
-        paths.append({run.embed_path, run.synthetic_dir, run.model_path, run.logdir})
+        paths.append({run.embed_path, run.layout.synthetic_dir, run.model_path, run.layout.logdir})
     assert not paths[0] & paths[1] and paths[0] == paths[2]  # tokens, synthetic images, models: all apart
     assert all(keys[0] in str(path) for path in paths[0])
 

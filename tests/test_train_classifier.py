@@ -168,8 +168,8 @@ def test_flags_keep_the_reference_spellings(script):
     assert args.eval_on_test_set == ["test", "test_uncommon_context"] and args.synthetic_filter is None
     run = script.plan_run(args, seed=1, examples_per_class=4)
     assert run.embed_path.as_posix() == "tokens/custom_coco-tokens/noise/custom_coco-1-4.pt"
-    assert run.logdir.as_posix() == "RESULTS/custom_coco_4epc/baseline/logs"
-    assert run.synthetic_dir.as_posix() == "RESULTS/custom_coco_4epc/baseline/synthetics_seed_1"
+    assert run.layout.logdir.as_posix() == "RESULTS/custom_coco_4epc/baseline/logs"
+    assert run.layout.synthetic_dir.as_posix() == "RESULTS/custom_coco_4epc/baseline/synthetics_seed_1"
     assert run.model_path.name == "classifier_custom_coco_1_4_[0.7]_[15.0]_noise.pth"
 
 
