@@ -82,8 +82,8 @@ def mean_colour_model(correct_margin: float = 1.0) -> FewShotClassifier:
 
 
 def short_fit(model, train, val, **kwargs):
-    options = dict(num_epochs=2, iterations_per_epoch=3, batch_size=8, device="cpu", generator=torch.Generator().manual_seed(0),
-                   progress=False)
+    options = dict(num_epochs=2, iterations_per_epoch=3, batch_size=8, device="cpu",
+                   generator=torch.Generator().manual_seed(0), progress=False)
     return fit(model, train, val, **{**options, **kwargs})
 
 

@@ -720,7 +720,7 @@ def fit(model: nn.Module, train_dataset, val_dataset, *, num_epochs: int, iterat
 
     model.load_state_dict(best_state)
     history = pd.DataFrame.from_records(
-        [(i, seed, examples_per_class, epoch, value, metric, split)
+        [(i, generator.initial_seed(), examples_per_class, epoch, value, metric, split)
          for i, (epoch, value, metric, split) in enumerate(records)], columns=RESULTS_COLUMNS)
     return FitResult(best_state_dict=best_state, best_epoch=best_epoch, history=history,
                      best_value=math.nan if best_value is None else best_value, timings=timings)
