@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 from semantic_aug.datasets import (DatasetChoices, add_dataset_module_argument, create_dataset, dataset_key,
                                    get_dataset_class, list_datasets)
 from semantic_aug.core.embeddings import (collect_class_tokens, collect_second_encoder_tokens, embedding_noise,
-                                          embedding_rms, save_tokens, second_encoder_path, stable_seed, tokens_path)
-from semantic_aug.core.utils import HelpFormatter, UserError, run_cli, str2bool
+                                          embedding_rms, save_tokens, second_encoder_path, stable_seed)
+from semantic_aug.core.layout import RunLayout
+from semantic_aug.core.utils import HelpFormatter, run_cli, str2bool
 
 logger = logging.getLogger("aggregate_embeddings")
 
@@ -100,18 +100,13 @@ def log_noise_scale(tokens: dict, std_deviations: list[float]) -> None:
                 "to keep the same relative noise)", rms, ", ".join(f"{std / rms:.3g}" for std in std_deviations))
 
 
-def write_embed_path(args: argparse.Namespace, tokens: dict, tokens_2: dict | None, seed: int,
-                     examples_per_class: int) -> None:
+def write_embed_path(args: argparse.Namespace, layout: RunLayout, tokens: dict, tokens_2: dict | None) -> None:
     """The reference's output: one file at --embed-path, with the noisy copies under --augment-embeddings."""
-    try:
-        path = Path(args.embed_path.format(dataset=args.dataset, seed=seed, examples_per_class=examples_per_class))
-    except (KeyError, IndexError, ValueError) as error:
-        raise UserError(f"--embed-path {args.embed_path!r}: cannot fill in its placeholders ({error}); use only "
-                        f"{{dataset}}, {{seed}} and {{examples_per_class}}") from None
+    path = layout.embed_path()
     if args.augment_embeddings:
         log_noise_scale(tokens, args.std_deviation)
     save_run_tokens(tokens, tokens_2, path, args.std_deviation if args.augment_embeddings else None,
-                    stable_seed(args.seed, seed, examples_per_class))
+                    stable_seed(args.seed, layout.seed, layout.examples_per_class))
     logger.info("wrote %s: %d tokens", path, len(tokens) * (1 + len(args.std_deviation) * args.augment_embeddings))
 
 
@@ -121,18 +116,19 @@ def main(args: argparse.Namespace) -> None:
     for seed in args.seeds:
         for examples_per_class in args.examples_per_class:
             class_names = class_names_of(args.dataset, seed, examples_per_class, args.data_dir)
-            run_dir = Path(args.input_path) / f"{args.dataset}-{seed}-{examples_per_class}"
-            tokens = collect_class_tokens(run_dir, class_names)
-            tokens_2 = collect_second_encoder_tokens(run_dir, class_names)  # SDXL's second encoder, else None
+            layout = RunLayout(args.dataset, seed, examples_per_class, fine_tuned_root=args.input_path,
+                               tokens_root=args.output_dir, embed_path_template=args.embed_path)
+            tokens = collect_class_tokens(layout.fine_tuned_dir, class_names)
+            tokens_2 = collect_second_encoder_tokens(layout.fine_tuned_dir, class_names)  # SDXL's second encoder
             if args.embed_path is not None:
-                write_embed_path(args, tokens, tokens_2, seed, examples_per_class)
+                write_embed_path(args, layout, tokens, tokens_2)
                 continue
-            path = tokens_path(args.dataset, seed, examples_per_class, root=args.output_dir)
+            path = layout.tokens()
             save_run_tokens(tokens, tokens_2, path)
             logger.info("wrote %s: %d tokens of width %d", path, len(tokens), next(iter(tokens.values())).shape[-1])
             if args.augment_embeddings:
                 noise_seed = stable_seed(args.seed, seed, examples_per_class)
-                noise_path = tokens_path(args.dataset, seed, examples_per_class, noise=True, root=args.output_dir)
+                noise_path = layout.tokens(noise=True)
                 save_run_tokens(tokens, tokens_2, noise_path, args.std_deviation, noise_seed)
                 logger.info("wrote %s: %d tokens (σ = %s)", noise_path, len(tokens) * (1 + len(args.std_deviation)),
                             ", ".join(str(std) for std in args.std_deviation))

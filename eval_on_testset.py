@@ -19,6 +19,7 @@ from pathlib import Path
 
 from semantic_aug.datasets import add_dataset_arguments, create_dataset, dataset_key, split_dataset_key
 from semantic_aug.datasets.few_shot_dataset import DEFAULT_IMAGE_SIZE, EVAL_SPLITS
+from semantic_aug.core.layout import RunLayout
 from semantic_aug.stages.training import DEFAULT_EVAL_BATCH_SIZE, evaluate, load_classifier
 from semantic_aug.core.utils import HelpFormatter, UserError, atomic_write_csv, check_flag_minimum, pick_device, run_cli
 
@@ -55,11 +56,6 @@ def parse_args() -> argparse.Namespace:
     args.split = SPLIT_ALIASES.get(args.split, args.split)
     check_flag_minimum(parser, args, ("batch_size", "image_size"))
     return args
-
-
-def output_path(logdir: str, dataset: str, split: str, seed: int, epc: int) -> Path:
-    """`{logdir}/evaluation_on_{dataset}_{split}_{seed}_{epc}.csv` (the reference's name)."""
-    return Path(logdir) / f"evaluation_on_{dataset}_{split}_{seed}_{epc}.csv"
 
 
 def check_classes(model, dataset, model_path: str) -> None:
@@ -124,7 +120,7 @@ def main(args: argparse.Namespace) -> None:
     model = load_classifier(model_file, device)
     run_settings(args, model.metadata, model_file)
     image_size = args.image_size or int(model.metadata.get("image_size", DEFAULT_IMAGE_SIZE))
-    output = output_path(args.logdir, args.dataset, args.split, args.seed, args.epc)
+    output = RunLayout(args.dataset, args.seed, args.epc).evaluation_csv(args.logdir, args.split)
     if output.is_file() and not args.overwrite and output.stat().st_mtime >= model_file.stat().st_mtime:
         logger.info("%s exists and is newer than the model; kept (pass --overwrite to evaluate again)", output)
         return

@@ -35,6 +35,7 @@ from semantic_aug.core.stable_diffusion import (default_resolution, enable_compi
                                                 load_sdxl_second_encoder, load_tokenizer, resolve_model_path)
 from semantic_aug.stages.textual_inversion_training import (TEMPLATES, ClassSpec, TextualInversionConfig,
                                                      TextualInversionTrainer)
+from semantic_aug.core.layout import FINE_TUNED_FOLDER, RunLayout
 from semantic_aug.core.utils import (HelpFormatter, UserError, check_flag_minimum, make_output_dir, pick_device,
                                 remove_stale_temporaries, run_cli, str2bool)
 
@@ -314,7 +315,8 @@ def load_images(dataset, specs: list[ClassSpec]) -> None:
 
 def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    make_output_dir(Path(args.output_dir) / "fine-tuned")  # fail now, not after the first class has trained
+    fine_tuned_root = Path(args.output_dir) / FINE_TUNED_FOLDER
+    make_output_dir(fine_tuned_root)  # fail now, not after the first class has trained
     check_dataset_arguments(args, args.examples_per_class)  # class folders and the split rule, before the model loads
     accelerator = build_accelerator(args)
     tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(args)
@@ -337,7 +339,7 @@ def main(args: argparse.Namespace) -> None:
         for examples_per_class in args.examples_per_class:
             config = trainer.configure(training_config(args, resolution, examples_per_class))
             # 1. the few-shot training images of this (seed, epc), and the classes still to learn
-            run_dir = Path(args.output_dir) / "fine-tuned" / f"{args.dataset}-{seed}-{examples_per_class}"
+            run_dir = RunLayout(args.dataset, seed, examples_per_class, fine_tuned_root=fine_tuned_root).fine_tuned_dir
             dataset = create_dataset(args.dataset, split="train", examples_per_class=examples_per_class, seed=seed,
                                      data_dir=args.data_dir, bad_images=args.bad_images,
                                      train_pool_size=args.train_pool_size)

@@ -24,10 +24,10 @@ A quick CPU check (Custom COCO ships with the package; efficientnet_lite0 works 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import itertools
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,18 +39,14 @@ from semantic_aug.datasets import (add_dataset_arguments, check_dataset_argument
 from semantic_aug.datasets.few_shot_dataset import FolderFewShotDataset
 from semantic_aug.stages.filtering import (DEFAULT_FILTER_MODE, FILTER_BACKBONE, FILTER_CONFIDENCE_THRESHOLD, FILTER_MODE_HELP,
                                    FILTER_MODES)
+from semantic_aug.core.layout import DEFAULT_EMBED_PATH, DEFAULT_LOGDIR, DEFAULT_SYNTHETIC_DIR, NOISY_EMBED_PATH, RunLayout
 from semantic_aug.core.stable_diffusion import enable_compile_cache
-from semantic_aug.stages.training import (classifier_filename, default_num_workers, evaluate, fit, load_classifier,
-                                   results_csv_path, save_classifier, test_csv_path)
+from semantic_aug.stages.training import default_num_workers, evaluate, fit, load_classifier, save_classifier
 from semantic_aug.core.utils import (DTYPES, HelpFormatter, UserError, atomic_write_csv, check_flag_minimum,
                                 pick_device, restart_marker, run_cli, set_seed, str2bool)
 
 logger = logging.getLogger("train_classifier")
 
-DEFAULT_LOGDIR = "RESULTS/{dataset}_{examples_per_class}epc/{method}/logs"
-DEFAULT_SYNTHETIC_DIR = "RESULTS/{dataset}_{examples_per_class}epc/{method}/synthetics_seed_{seed}"
-DEFAULT_EMBED_PATH = "tokens/{dataset}-tokens/{dataset}-{seed}-{examples_per_class}.pt"
-NOISE_EMBED_PATH = "tokens/{dataset}-tokens/noise/{dataset}-{seed}-{examples_per_class}.pt"
 TEST_SPLITS = ("test", "test_uncommon_context")
 SPLIT_ALIASES = {"test_uncommon": "test_uncommon_context"}  # the reference's name for the uncommon split
 DEFAULT_STRENGTH = 0.7  # the README's DIAGen settings; the reference crashed when they were left out
@@ -114,9 +110,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--inverted", type=str2bool, nargs="+", default=[False],
                         help="with --mask, repaint the background instead, one value or one per --aug (0/1)")
     parser.add_argument("--prompt", default="a photo of a {name}", help="prompt template; {name} becomes the token")
-    parser.add_argument("--embed-path", default=DEFAULT_EMBED_PATH,
-                        help="learned tokens ({dataset}, {seed}, {examples_per_class} filled in per run); the "
-                             "default switches to tokens/{dataset}-tokens/noise/... under --use-embedding-noise 1")
+    parser.add_argument("--embed-path", default=None,
+                        help=f"learned tokens ({{dataset}}, {{seed}}, {{examples_per_class}} filled in per run); "
+                             f"None: {DEFAULT_EMBED_PATH}, or {NOISY_EMBED_PATH} under --use-embedding-noise 1"),
     parser.add_argument("--use-embedding-noise", type=str2bool, default=False,
                         help="DIAGen (a): cycle each class through its original and noisy tokens (0/1)")
     parser.add_argument("--use-generated-prompts", type=str2bool, default=False,
@@ -182,57 +178,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # one run's files
 
 
-@dataclass
+@dataclasses.dataclass(frozen=True)
 class Run:
-    """One (seed, examples_per_class) run and where its files go."""
+    """One (seed, examples_per_class) run: its files and the name of its classifier."""
 
-    seed: int
-    examples_per_class: int
-    logdir: Path
-    synthetic_dir: Path
+    layout: RunLayout
     embed_path: Path
     model_path: Path
-    models_root: Path
+
+    @property
+    def seed(self) -> int:
+        return self.layout.seed
+
+    @property
+    def examples_per_class(self) -> int:
+        return self.layout.examples_per_class
 
     @property
     def name(self) -> str:
         return f"seed {self.seed}, {self.examples_per_class} examples per class"
 
 
-def fill_template(template: str, flag: str, **fields) -> str:
-    """A path flag with its {placeholders} filled in; a `UserError` names an unknown placeholder."""
-    try:
-        return template.format(**fields)
-    except (KeyError, IndexError, ValueError) as error:
-        raise UserError(f"{flag} {template!r}: cannot fill in its placeholders ({error}); use only "
-                        f"{', '.join('{' + k + '}' for k in fields)}") from None
-
-
 def plan_run(args: argparse.Namespace, seed: int, examples_per_class: int) -> Run:
-    """The paths of one run, from the flags' templates (the reference's layout)."""
-    fields = dict(dataset=args.dataset, examples_per_class=examples_per_class, method=args.method, seed=seed)
-    logdir = Path(fill_template(args.logdir, "--logdir", **fields))
-    embed_template = args.embed_path
-    if args.use_embedding_noise and embed_template == DEFAULT_EMBED_PATH:
-        embed_template = NOISE_EMBED_PATH  # aggregate_embeddings.py --augment-embeddings writes the noisy tokens here
+    """The files of one run, from the path flags (the reference's layout)."""
+    layout = RunLayout(args.dataset, seed, examples_per_class, method=args.method, models_root=args.models_root,
+                       logdir_template=args.logdir, synthetic_dir_template=args.synthetic_dir,
+                       embed_path_template=args.embed_path)
     uses_synthetic = args.num_synthetic > 0
-    model_name = classifier_filename(
-        args.dataset, seed, examples_per_class, strength=args.strength if uses_synthetic else None,
+    model_path = layout.classifier(
+        strength=args.strength if uses_synthetic else None,
         guidance_scale=args.guidance_scale if uses_synthetic else None, use_filter=bool(args.synthetic_filter),
         use_llm=args.use_generated_prompts, use_noise=args.use_embedding_noise,
         uncommon=args.use_generated_prompts and "uncommon" in Path(args.prompt_path).name)
-    return Run(seed=seed, examples_per_class=examples_per_class, logdir=logdir,
-               synthetic_dir=Path(fill_template(args.synthetic_dir, "--synthetic-dir", **fields)),
-               embed_path=Path(fill_template(embed_template, "--embed-path", **fields)),
-               model_path=logdir.parent / "models" / model_name,
-               models_root=Path(args.models_root))
+    # aggregate_embeddings.py --augment-embeddings writes the noisy tokens beside the plain ones
+    return Run(layout, embed_path=layout.embed_path(noise=args.use_embedding_noise), model_path=model_path)
 
 
 def sibling_synthetic_dirs(args: argparse.Namespace, run: Run) -> list[str]:
     """The synthetic folders of the same (seed, examples per class) under other --method names: a set made there
     with the same settings is linked instead of generated again."""
-    fields = dict(dataset=args.dataset, examples_per_class=run.examples_per_class, method="*", seed=run.seed)
-    pattern = fill_template(args.synthetic_dir, "--synthetic-dir", **fields)
+    pattern = str(dataclasses.replace(run.layout, method="*").synthetic_dir)
     return sorted(glob.glob(glob.escape(pattern).replace(glob.escape("*"), "*"))) if "*" in pattern else []
 
 
@@ -252,7 +237,7 @@ def check_run_inputs(args: argparse.Namespace, runs: list[Run]) -> None:
     """Read every input the runs need (data splits, token files, prompt CSV, filters) before the first image is
     generated or the first step trained, so that a missing file stops the command at once."""
     from semantic_aug.stages.augmentations.generative_augmentation import check_strength_and_guidance
-    from semantic_aug.stages.filtering import check_filter_file, filter_path
+    from semantic_aug.stages.filtering import check_filter_file
     from semantic_aug.stages.synthetic import check_augmentation_inputs
 
     if args.num_synthetic > 0 and runs:
@@ -267,14 +252,13 @@ def check_run_inputs(args: argparse.Namespace, runs: list[Run]) -> None:
             continue
         check_augmentation_inputs(args.aug, run.embed_path, class_names, args.use_generated_prompts, args.prompt_path)
         if args.synthetic_filter == "use":
-            check_filter_file(filter_path(run.models_root, args.dataset, run.seed, run.examples_per_class))
+            check_filter_file(run.layout.filter)
 
 
 def missing_outputs(args: argparse.Namespace, run: Run) -> tuple[bool, list[str]]:
     """(whether the run must train, the test splits still to evaluate)."""
-    trained = results_csv_path(run.logdir, args.dataset, run.seed, run.examples_per_class).is_file()
-    missing_splits = [split for split in args.eval_on_test_set
-                      if not test_csv_path(run.logdir, split, args.dataset, run.seed, run.examples_per_class).is_file()]
+    trained = run.layout.results_csv.is_file()
+    missing_splits = [split for split in args.eval_on_test_set if not run.layout.test_csv(split).is_file()]
     # without a saved model, a missing test CSV can only be made by training again
     must_train = not trained or (args.save_model and not run.model_path.is_file()) or \
         (bool(missing_splits) and not run.model_path.is_file())
@@ -326,7 +310,8 @@ def generate_synthetic(args: argparse.Namespace, run: Run, train_dataset, device
         use_generated_prompts=args.use_generated_prompts, prompt_path=args.prompt_path, device=device,
         dtype=generation_dtype(args.generation_dtype, device), erasure_ckpt_path=args.erasure_ckpt_path,
         num_inference_steps=args.num_inference_steps, acceleration=acceleration)
-    manifest = generate_synthetic_images(train_dataset, augmentation, args.num_synthetic, run.synthetic_dir, run.seed,
+    manifest = generate_synthetic_images(train_dataset, augmentation, args.num_synthetic, run.layout.synthetic_dir,
+                                         run.seed,
                                          batch_size=args.generation_batch_size, accelerator=accelerator,
                                          overwrite=args.overwrite_synthetic,
                                          shared_dirs=sibling_synthetic_dirs(args, run))
@@ -347,17 +332,17 @@ def attach_synthetic_images(args: argparse.Namespace, run: Run, train_dataset, m
     if not args.synthetic_filter:
         train_dataset.set_synthetic_images(synthetic_images_from_manifest(manifest))
         return None
-    from semantic_aug.stages.filtering import add_filter_weights, apply_filter_mode, filter_path, load_filter, train_filter
+    from semantic_aug.stages.filtering import add_filter_weights, apply_filter_mode, load_filter, train_filter
 
     if args.synthetic_filter == "train":  # trained like the classifier, on the same real images (kept if it exists)
         train_filter(args.dataset, run.seed, run.examples_per_class, data_dir=args.data_dir,
-                     backbone=args.filter_backbone, models_root=run.models_root, logdir=run.logdir,
+                     backbone=args.filter_backbone, models_root=run.layout.models_root, logdir=run.layout.logdir,
                      iterations_per_epoch=args.iterations_per_epoch, max_epochs=args.num_epochs,
                      batch_size=args.batch_size, image_size=args.image_size, bad_images=args.bad_images,
                      train_pool_size=args.train_pool_size, device=device)
-    filter_model = load_filter(filter_path(run.models_root, args.dataset, run.seed, run.examples_per_class), device)
+    filter_model = load_filter(run.layout.filter, device)
     manifest = add_filter_weights(manifest, filter_model, train_dataset, seed=run.seed, device=device,
-                                  manifest_path=run.synthetic_dir / "manifest.csv")
+                                  manifest_path=run.layout.manifest)
     synthetic_images, sibling_weights, loss_weights = apply_filter_mode(manifest, args.filter_mode,
                                                                         args.filter_threshold)
     train_dataset.set_synthetic_images(synthetic_images, sibling_weights)
@@ -370,18 +355,15 @@ def data_dir_of(dataset, args: argparse.Namespace) -> str | None:
     return str(Path(folder).resolve()) if folder else None
 
 
-def train(args: argparse.Namespace, run: Run, train_dataset, val_dataset, loss_weights, device: torch.device):
+def train(args: argparse.Namespace, run: Run, model, train_dataset, val_dataset, loss_weights, device: torch.device):
     """Fit the classifier (best epoch kept), write the results CSV and, with --save_model, the model."""
-    set_seed(run.seed)  # the same head initialisation whatever ran before (generation, the filter)
-    model = FewShotClassifier(args.classifier_backbone, train_dataset.num_classes,
-                              finetune_backbone=args.finetune_backbone)
     result = fit(model, train_dataset, val_dataset, num_epochs=args.num_epochs,
                  iterations_per_epoch=args.iterations_per_epoch, batch_size=args.batch_size, device=device,
-                 seed=run.seed, sample_loss_weights=loss_weights, use_cutmix=args.use_cutmix,
-                 num_workers=args.num_workers)
+                 generator=torch.Generator().manual_seed(run.seed), sample_loss_weights=loss_weights,
+                 use_cutmix=args.use_cutmix, num_workers=args.num_workers)
     logger.info("%s: best epoch %d, mean per-class validation accuracy %.2f%%", run.name, result.best_epoch,
                 100 * result.best_value)
-    atomic_write_csv(result.history, results_csv_path(run.logdir, args.dataset, run.seed, run.examples_per_class))
+    atomic_write_csv(result.history, run.layout.results_csv)
     if args.save_model:
         save_classifier(model, run.model_path, {
             "class_names": list(train_dataset.class_names), "dataset": args.dataset, "seed": run.seed,
@@ -398,7 +380,7 @@ def evaluate_splits(args: argparse.Namespace, run: Run, model, splits: list[str]
     for split in splits:
         dataset = load_split(args, run, split)
         results = evaluate(model, dataset, device, num_workers=args.num_workers)
-        atomic_write_csv(results, test_csv_path(run.logdir, split, args.dataset, run.seed, run.examples_per_class))
+        atomic_write_csv(results, run.layout.test_csv(split))
         accuracy = results.loc[results["metric"] == "Mean Accuracy", "value"].item()
         logger.info("%s: mean per-class accuracy %.2f%% on %s", run.name, 100 * accuracy, split)
 
@@ -428,8 +410,7 @@ def main(args: argparse.Namespace) -> None:
     manifests = {}
     if args.num_synthetic > 0:
         for run, must_train, _ in runs:
-            if must_train:
-                set_seed(run.seed)
+            if must_train:  # generation draws from generators seeded per image (`stable_seed`)
                 manifests[run.seed, run.examples_per_class] = generate_synthetic(
                     args, run, load_split(args, run, "train"), device, accelerator if distributed else None)
     if not accelerator.is_main_process:
@@ -437,18 +418,18 @@ def main(args: argparse.Namespace) -> None:
 
     # 2. per run: filter weights, classifier training, test-split evaluation
     for run, must_train, missing_splits in runs:
-        outputs = [results_csv_path(run.logdir, args.dataset, run.seed, run.examples_per_class),
-                   *(test_csv_path(run.logdir, split, args.dataset, run.seed, run.examples_per_class)
-                     for split in args.eval_on_test_set)]
+        outputs = [run.layout.results_csv, *(run.layout.test_csv(split) for split in args.eval_on_test_set)]
         with restart_marker(run.model_path, f"{run.name}: classifier training", outputs):
             if must_train:
-                set_seed(run.seed)
+                set_seed(run.seed)  # the run's one seeding: the classifier's head starts from it
                 train_dataset, val_dataset = load_split(args, run, "train"), load_split(args, run, "val")
+                model = FewShotClassifier(args.classifier_backbone, train_dataset.num_classes,
+                                          finetune_backbone=args.finetune_backbone)
                 loss_weights = None
                 if args.num_synthetic > 0:
                     loss_weights = attach_synthetic_images(args, run, train_dataset,
                                                            manifests[run.seed, run.examples_per_class], device)
-                model = train(args, run, train_dataset, val_dataset, loss_weights, device)
+                train(args, run, model, train_dataset, val_dataset, loss_weights, device)
                 missing_splits = args.eval_on_test_set
             else:
                 logger.info("%s: already trained; evaluating the saved model on %s", run.name,

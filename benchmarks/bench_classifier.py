@@ -146,8 +146,8 @@ def main(args: argparse.Namespace) -> None:
                                       pretrained=False)
             started = time.perf_counter()
             result = fit(model, train, val, num_epochs=args.num_epochs, iterations_per_epoch=args.iterations_per_epoch,
-                         batch_size=args.batch_size, device=device, seed=0, num_workers=args.num_workers,
-                         progress=False)
+                         batch_size=args.batch_size, device=device, generator=torch.Generator().manual_seed(0),
+                         num_workers=args.num_workers, progress=False)
             total = time.perf_counter() - started
             timings = result.timings
             per_epoch = args.iterations_per_epoch * args.batch_size

@@ -8,7 +8,8 @@ import torch
 
 from semantic_aug.datasets.custom_coco import CUSTOM_COCO_CLASSES
 from semantic_aug.core.embeddings import (LEARNED_EMBEDS_NAME, add_tokens_to_text_encoder, embedding_noise, load_tokens,
-                                     noisy_token_name, save_learned_embeds, save_tokens, token_name, tokens_path)
+                                     noisy_token_name, save_learned_embeds, save_tokens, token_name)
+from semantic_aug.core.layout import RunLayout
 from semantic_aug.core.utils import UserError
 
 STD_DEVIATIONS = (0.005, 0.01, 0.025)  # the paper's σ
@@ -28,8 +29,6 @@ def test_token_names_follow_the_reference():
     assert token_name("bench") == "<bench>"
     assert noisy_token_name("cell phone", 0.005) == "<cell_phone_0.005>"
     assert noisy_token_name("bench", 0.01) == "<bench_0.01>"
-    assert tokens_path("custom_coco", 0, 2) == Path("tokens/custom_coco-tokens/custom_coco-0-2.pt")
-    assert tokens_path("coco", 1, 4, noise=True, root="out") == Path("out/coco-tokens/noise/coco-1-4.pt")
 
 
 # -- embedding_noise (contribution a) ---------------------------------------------------------------------
@@ -132,9 +131,10 @@ def aggregate_args(fine_tuned: Path, *extra: str) -> list[str]:
 def test_aggregate_writes_the_tokens_and_the_seeded_noise_file(fine_tuned, script_runner, script_module):
     script_runner("aggregate_embeddings.py", *aggregate_args(fine_tuned, "--augment-embeddings", "True"), check=True)
     out = fine_tuned.parent / "tokens"
-    tokens = load_tokens(tokens_path("custom_coco", 0, 2, root=out), class_names=CUSTOM_COCO_CLASSES, embedding_dim=32)
+    tokens = load_tokens(RunLayout("custom_coco", 0, 2, tokens_root=out).tokens(), class_names=CUSTOM_COCO_CLASSES,
+                         embedding_dim=32)
     assert list(tokens) == [token_name(name) for name in CUSTOM_COCO_CLASSES]
-    noise_file = tokens_path("custom_coco", 0, 2, noise=True, root=out)
+    noise_file = RunLayout("custom_coco", 0, 2, tokens_root=out).tokens(noise=True)
     noisy = load_tokens(noise_file, class_names=CUSTOM_COCO_CLASSES, embedding_dim=32)
     assert len(noisy) == 4 * len(CUSTOM_COCO_CLASSES)
     assert {"<cell_phone>", "<cell_phone_0.005>", "<cell_phone_0.01>", "<cell_phone_0.025>"} <= set(noisy)
@@ -155,10 +155,11 @@ def test_the_reference_embed_path_command_writes_its_one_file(fine_tuned, script
         "--seeds", "0", "--examples-per-class", "2", "--dataset", "custom_coco", "--augment-embeddings", "True",
         "--input-path", "./fine-tuned", "--embed-path",
         "tokens/{dataset}-tokens/noise/{dataset}-{seed}-{examples_per_class}.pt"]))
-    noise_file = tokens_path("custom_coco", 0, 2, noise=True, root=fine_tuned.parent / "tokens")
+    noise_file = RunLayout("custom_coco", 0, 2, tokens_root=fine_tuned.parent / "tokens").tokens(noise=True)
     noisy = load_tokens(noise_file, class_names=CUSTOM_COCO_CLASSES, embedding_dim=32)
     assert len(noisy) == 4 * len(CUSTOM_COCO_CLASSES) and "<car_0.025>" in noisy
-    assert not tokens_path("custom_coco", 0, 2, root=fine_tuned.parent / "tokens").exists()  # the one file only
+    # the one file only
+    assert not RunLayout("custom_coco", 0, 2, tokens_root=fine_tuned.parent / "tokens").tokens().exists()
     aggregate.main(aggregate.parse_args(aggregate_args(fine_tuned, "--embed-path", str(fine_tuned.parent / "p.pt"))))
     assert len(load_tokens(fine_tuned.parent / "p.pt")) == len(CUSTOM_COCO_CLASSES)  # without noise: the tokens
 
@@ -168,7 +169,7 @@ def test_augment_embeddings_false_means_false(fine_tuned, script_module):
     args = aggregate.parse_args(aggregate_args(fine_tuned, "--augment-embeddings", "False"))
     assert args.augment_embeddings is False
     aggregate.main(args)
-    assert tokens_path("custom_coco", 0, 2, root=fine_tuned.parent / "tokens").is_file()
+    assert RunLayout("custom_coco", 0, 2, tokens_root=fine_tuned.parent / "tokens").tokens().is_file()
     assert not (fine_tuned.parent / "tokens" / "custom_coco-tokens" / "noise").exists()
     with pytest.raises(SystemExit):
         aggregate.parse_args(aggregate_args(fine_tuned, "--augment-embeddings", "maybe"))

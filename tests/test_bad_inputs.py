@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from fault_kit import TINY_TEXT_WIDTH, FakeOpenAI, write_focus_layout, write_focus_tokens
+from semantic_aug.datasets import dataset_key
 from semantic_aug.datasets.custom_coco import CUSTOM_COCO_CLASSES
 from semantic_aug.datasets.focus import FOCUS_CLASSES
 from semantic_aug.core.embeddings import LEARNED_EMBEDS_NAME, save_learned_embeds, token_name
@@ -244,7 +245,8 @@ def test_bad_images_skip_leaves_a_corrupt_file_out_with_a_warning(inputs, tmp_pa
                                                   "skip"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "skipping corrupt image file" in result.stderr and "broken.jpg" in result.stderr
-    assert (tmp_path / "models" / f"filter_focus_0_{WHOLE_POOL}.pth").is_file()
+    key = dataset_key("focus", inputs.corrupt)  # data other than $FOCUS_DIR: the names carry its fingerprint
+    assert (tmp_path / "models" / f"filter_{key}_0_{WHOLE_POOL}.pth").is_file()
 
 
 @pytest.fixture(scope="module")
@@ -358,7 +360,7 @@ def limit_file_size() -> None:
 def test_a_full_disk_is_a_one_line_error_and_leaves_no_partial_file(inputs, tmp_path):
     result = run("train_classifier.py", *quick_classifier(inputs.good), "--num-synthetic", "0", cwd=tmp_path,
                  preexec_fn=limit_file_size)
-    assert_one_line_error(result, "classifier_focus_0_1.pth", "File too large")
+    assert_one_line_error(result, f"classifier_{dataset_key('focus', inputs.good)}_0_1.pth", "File too large")
     assert temporaries(tmp_path) == []
     assert not list(tmp_path.rglob("*.pth")), "a partial checkpoint was left behind"
     written = list(tmp_path.rglob("*.csv"))

@@ -158,9 +158,14 @@ def assert_same_classifier(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def focus(tmp_path_factory) -> SimpleNamespace:
-    """A 10-class FOCUS layout (one training image per class at epc 1) and a token per class for the tiny SD."""
+    """A 10-class FOCUS layout (one training image per class at epc 1) and a token per class for the tiny SD.
+
+    It is FOCUS's default data ($FOCUS_DIR) for the scripts, so their files keep the plain names (`focus_0_1`)."""
     root = tmp_path_factory.mktemp("focus")
-    return SimpleNamespace(data=write_focus_layout(root / "data"), tokens=write_focus_tokens(root / "tokens.pt"))
+    data = write_focus_layout(root / "data")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FOCUS_DIR", str(data))
+        yield SimpleNamespace(data=data, tokens=write_focus_tokens(root / "tokens.pt"))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -12,9 +12,11 @@ from PIL import Image
 from semantic_aug.core.classifiers import FewShotClassifier
 from semantic_aug.datasets.custom_coco import CustomCOCO
 from semantic_aug.stages.filtering import (FILTER_CONFIDENCE_THRESHOLD, FilterModel, add_filter_weights, apply_filter_mode,
-                                    calibration_metrics, expected_calibration_error, filter_path, filter_weights,
+                                    calibration_metrics, expected_calibration_error, filter_weights,
                                     fit_temperature, load_filter, normalise_sibling_weights, save_filter,
                                     score_synthetic_images, scoring_transform)
+from semantic_aug.core.layout import RunLayout
+from semantic_aug.datasets import dataset_key
 from semantic_aug.core.utils import UserError
 from conftest import import_script
 
@@ -123,7 +125,7 @@ def test_all_bad_siblings_keep_a_valid_distribution():
 
 
 def test_load_filter_without_a_saved_filter_names_the_expected_path(tmp_path):
-    expected = filter_path(tmp_path / "models", "custom_coco", 3, 4)
+    expected = RunLayout("custom_coco", 3, 4, models_root=tmp_path / "models").filter
     assert expected == tmp_path / "models" / "filter_custom_coco_3_4.pth"
     with pytest.raises(UserError) as error:
         load_filter(expected, "cpu")
@@ -293,7 +295,8 @@ def test_synthetic_filter_use_without_a_saved_filter_is_a_one_line_error(script_
         "--guidance-scale", "7.5", "--num-inference-steps", "2", "--synthetic_filter", "use", "--models-root",
         tmp_path / "models", "--classifier-backbone", "efficientnet_lite0", "--image-size", "32", "--device", "cpu",
         cwd=tmp_path, env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
-    expected = filter_path(tmp_path / "models", "custom_coco", 0, 1)
+    key = dataset_key("custom_coco", tmp_path / "data")  # not the default data: the key carries its fingerprint
+    expected = RunLayout(key, 0, 1, models_root=tmp_path / "models").filter
     last_line = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2 and last_line.startswith(f"error: no trained filter at {expected}:")
     assert "Traceback" not in result.stderr
@@ -320,6 +323,11 @@ def test_train_filter_cli_rejects_bad_flags(capsys):
     with pytest.raises(SystemExit) as exit_info:
         script.parse_args(["--max-epochs", "0"])
     assert exit_info.value.code == 2 and "--max-epochs must be at least 1" in capsys.readouterr().err
+
+
+def check_layout(work) -> RunLayout:
+    """The files of the subset's run: its data is no default data, so the key carries the data fingerprint."""
+    return RunLayout(dataset_key(CHECK_DATASET, work / "data"), 0, CHECK_EPC, models_root=work / "models")
 
 
 @pytest.fixture(scope="module")
@@ -354,21 +362,21 @@ def trained_filter(tmp_path_factory):
 
 def test_train_filter_script_saves_a_calibrated_filter_and_its_logs(trained_filter):
     _, _, work = trained_filter
-    path = filter_path(work / "models", CHECK_DATASET, 0, CHECK_EPC)
+    path = check_layout(work).filter
     filter_model = load_filter(path, "cpu")
     assert filter_model.class_names == list(CHECK_CLASSES) and filter_model.temperature > 0
-    calibration = pd.read_csv(work / "logs" / f"calibration_filter_{CHECK_DATASET}_0_{CHECK_EPC}.csv")
+    calibration = pd.read_csv(check_layout(work).filter_logs(work / "logs")[1])
     print(calibration.to_dict("records"))
     assert calibration.loc[0, "nll_after"] <= calibration.loc[0, "nll_before"]
     assert calibration.loc[0, "temperature"] == pytest.approx(filter_model.temperature)
-    history = pd.read_csv(work / "logs" / f"train_filter_{CHECK_DATASET}_0_{CHECK_EPC}.csv")
+    history = pd.read_csv(check_layout(work).filter_logs(work / "logs")[0])
     assert list(history.columns) == ["idx", "seed", "examples_per_class", "epoch", "value", "metric", "split"]
     assert set(history["split"]) == {"Training", "Validation"} and history["epoch"].max() == 2
 
 
 def test_train_filter_script_keeps_an_existing_filter(trained_filter, caplog):
     script, argv, work = trained_filter
-    path = filter_path(work / "models", CHECK_DATASET, 0, CHECK_EPC)
+    path = check_layout(work).filter
     modified = path.stat().st_mtime_ns
     with caplog.at_level("INFO"):
         script.main(script.parse_args(argv))
@@ -404,7 +412,7 @@ def test_filter_gives_tiny_sd_noise_lower_weights_than_held_out_real_images(trai
 
     _, _, work = trained_filter
     make_noise, train = noise_generator
-    filter_model = load_filter(filter_path(work / "models", CHECK_DATASET, 0, CHECK_EPC), "cpu")
+    filter_model = load_filter(check_layout(work).filter, "cpu")
     val = create_dataset(CHECK_DATASET, split="val", seed=0, data_dir=work / "data", image_size=CHECK_IMAGE_SIZE)
 
     manifest = add_filter_weights(make_noise(), filter_model, train, seed=0,
@@ -426,7 +434,7 @@ def test_filter_gives_tiny_sd_noise_lower_weights_than_held_out_real_images(trai
 def test_a_rerun_reuses_the_scores_in_the_manifest(trained_filter, noise_generator, caplog):
     _, _, work = trained_filter
     make_noise, train = noise_generator
-    filter_model = load_filter(filter_path(work / "models", CHECK_DATASET, 0, CHECK_EPC), "cpu")
+    filter_model = load_filter(check_layout(work).filter, "cpu")
     manifest_path = work / "synthetic" / "manifest.csv"
     first = add_filter_weights(make_noise(), filter_model, train, seed=0, manifest_path=manifest_path, progress=False)
     with caplog.at_level("INFO", logger="semantic_aug.stages.filtering"):  # a rerun: the generator reuses its images

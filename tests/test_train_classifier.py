@@ -35,7 +35,8 @@ def script(repo_root):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """Custom COCO's layout with 9 train-val images (8 in the training pool, 1 for validation) and 1 test image
-    per class, 32x24 random pictures."""
+    per class, 32x24 random pictures; Custom COCO's default data for this module ($CUSTOM_COCO_DIR), so the files
+    keep the plain `custom_coco` names."""
     root = tmp_path_factory.mktemp("custom_coco")
     rng = np.random.default_rng(0)
     for split, count in (("train-val", 9), ("test", 1)):
@@ -44,7 +45,9 @@ def data_dir(tmp_path_factory):
             for i in range(count):
                 pixels = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(root / split / name / f"{i}.jpg")
-    return root
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CUSTOM_COCO_DIR", str(root))
+        yield root
 
 
 def run_paths(cwd, method, name="classifier_custom_coco_0_1.pth"):
@@ -168,8 +171,8 @@ def test_flags_keep_the_reference_spellings(script):
     assert args.eval_on_test_set == ["test", "test_uncommon_context"] and args.synthetic_filter is None
     run = script.plan_run(args, seed=1, examples_per_class=4)
     assert run.embed_path.as_posix() == "tokens/custom_coco-tokens/noise/custom_coco-1-4.pt"
-    assert run.logdir.as_posix() == "RESULTS/custom_coco_4epc/baseline/logs"
-    assert run.synthetic_dir.as_posix() == "RESULTS/custom_coco_4epc/baseline/synthetics_seed_1"
+    assert run.layout.logdir.as_posix() == "RESULTS/custom_coco_4epc/baseline/logs"
+    assert run.layout.synthetic_dir.as_posix() == "RESULTS/custom_coco_4epc/baseline/synthetics_seed_1"
     assert run.model_path.name == "classifier_custom_coco_1_4_[0.7]_[15.0]_noise.pth"
 
 

@@ -10,10 +10,11 @@ import torch
 from PIL import Image
 from torch import nn
 
+from semantic_aug.core.layout import RunLayout
 from semantic_aug.core.classifiers import BACKBONES, Backbone, FewShotClassifier, register_backbone
 from semantic_aug.datasets.few_shot_dataset import FolderFewShotDataset, build_transform
 from semantic_aug.stages.training import (CACHE_SCALE, RESULTS_COLUMNS, TEST_COLUMNS, TrainingData, build_image_cache,
-                                   cache_dataset, classifier_filename, evaluate, fit, load_classifier, make_optimizer,
+                                   cache_dataset, evaluate, fit, load_classifier, make_optimizer,
                                    sample_crop_boxes, save_classifier, warp_images)
 from semantic_aug.core.utils import UserError
 
@@ -81,7 +82,8 @@ def mean_colour_model(correct_margin: float = 1.0) -> FewShotClassifier:
 
 
 def short_fit(model, train, val, **kwargs):
-    options = dict(num_epochs=2, iterations_per_epoch=3, batch_size=8, device="cpu", seed=0, progress=False)
+    options = dict(num_epochs=2, iterations_per_epoch=3, batch_size=8, device="cpu",
+                   generator=torch.Generator().manual_seed(0), progress=False)
     return fit(model, train, val, **{**options, **kwargs})
 
 
@@ -367,7 +369,7 @@ def test_classifier_checkpoint_round_trip(tmp_path):
 
 
 def test_classifier_file_names_follow_the_reference():
-    assert classifier_filename("custom_coco", 0, 2) == "classifier_custom_coco_0_2.pth"
-    name = classifier_filename("custom_coco", 1, 4, strength=[0.7], guidance_scale=[15.0], use_filter=True,
-                               use_llm=True, use_noise=True)
+    assert RunLayout("custom_coco", 0, 2).classifier().name == "classifier_custom_coco_0_2.pth"
+    name = RunLayout("custom_coco", 1, 4).classifier(strength=[0.7], guidance_scale=[15.0], use_filter=True,
+                                                     use_llm=True, use_noise=True).name
     assert name == "classifier_custom_coco_1_4_[0.7]_[15.0]_filter_llm_noise.pth"

@@ -7,12 +7,12 @@ to (diffusers' `load_textual_inversion` and `maybe_convert_prompt` use the same 
 adds noisy copies `<class_name_σ>` = e + σ·N(0, I) for each standard deviation σ (absolute, not relative to
 the embedding's norm), so that generation can pick between slightly different versions of a class concept.
 
-File formats (compatible with the reference):
-    per class:  `fine-tuned/{dataset}-{seed}-{epc}/{class_}/learned_embeds.bin`, torch.save({"<class_>": [dim]})
+File formats (compatible with the reference; where they live: `semantic_aug.core.layout.RunLayout`):
+    per class:  `{fine_tuned_dir}/{class_}/learned_embeds.bin`, torch.save({"<class_>": [dim]})
                 ([N, dim] for N > 1 vectors)
                 (+ `learned_embeds.safetensors`, the same dict, which diffusers' `load_textual_inversion` reads)
-    merged:     `tokens/{dataset}-tokens/{dataset}-{seed}-{epc}.pt`, {"<class_>": [dim] or [N, dim], ...}
-    with noise: `tokens/{dataset}-tokens/noise/{dataset}-{seed}-{epc}.pt`, originals and `<class_σ>` per σ
+    merged:     `RunLayout.tokens()`, {"<class_>": [dim] or [N, dim], ...}
+    with noise: `RunLayout.tokens(noise=True)`, originals and `<class_σ>` per σ
 
 SDXL has two text encoders, and a token has a vector in each. The first encoder's vectors are the files above,
 unchanged; the second encoder's sit beside them with `_2` before the suffix, in the same format and with the same
@@ -139,15 +139,6 @@ def embedding_rms(embeddings: Mapping[str, torch.Tensor]) -> float:
     """
     values = torch.cat([vector.float().reshape(-1) for vector in embeddings.values()])
     return float(values.square().mean().sqrt())
-
-
-def tokens_path(dataset: str, seed: int, examples_per_class: int, noise: bool = False,
-                root: str | os.PathLike = "tokens") -> Path:
-    """Where the merged token file lives: `{root}/{dataset}-tokens/[noise/]{dataset}-{seed}-{examples_per_class}.pt`."""
-    folder = Path(root) / f"{dataset}-tokens"
-    if noise:
-        folder = folder / "noise"
-    return folder / f"{dataset}-{seed}-{examples_per_class}.pt"
 
 
 def second_encoder_path(path: str | os.PathLike) -> Path:

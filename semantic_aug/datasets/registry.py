@@ -5,8 +5,9 @@ Datasets outside the package register themselves the same way, from a module fou
   * `--dataset-module` (every script that takes `--dataset`) or `$DIAGEN_DATASET_MODULES` (`:`-separated), each a
     Python file (`path/to/pets.py`) or a dotted module name importable from the working directory.
 
-A dataset whose classes come from its data (`folder`) is known in every path by its *key*, the name plus the data's
-fingerprint (`folder-1a2b3c4d`), so tokens, synthetic images and models of two data folders never meet.
+A dataset is known in every path by its *key* (`dataset_key`): its name on its default data, else the name plus the
+data's fingerprint (`folder-1a2b3c4d`, `custom_coco-1a2b3c4d`), so tokens, synthetic images and models of two data
+folders never meet.
 """
 
 from __future__ import annotations
@@ -136,23 +137,44 @@ def get_dataset_class(name: str) -> type:
 
 
 def dataset_key(name: str, data_dir: str | os.PathLike | None = None) -> str:
-    """The name that stands for a dataset's data in every path: the registered name, or for datasets whose classes
-    come from their data (`fingerprint_in_name`, i.e. `folder`) the name plus the data fingerprint's first
-    `FINGERPRINT_CHARS` hex digits. A key that is passed in is checked against `data_dir`'s data.
+    """The name that stands for a dataset's data in every path (`RunLayout`).
+
+    A dataset read from its default data (no `data_dir`, or a folder holding the same images as the one its
+    default resolves to: `$data_dir_env`, then `default_data_dir`) keeps its registered name, the reference's file
+    names. Any other `data_dir` adds the data fingerprint's first `FINGERPRINT_CHARS` hex digits
+    (`custom_coco-1a2b3c4d`), so that tokens, synthetic images and models made from other data are never reused.
+    Datasets whose classes come from their data (`fingerprint_in_name`, i.e. `folder`) always carry it; datasets
+    without a fingerprint (COCO) never do. A key that is passed in is checked against `data_dir`'s data.
 
     Raises:
         UserError: the key's fingerprint is not that of `data_dir` (the data changed, or another folder was given).
     """
     registered, given = split_dataset_key(name)
     cls = get_dataset_class(registered)
-    if not getattr(cls, "fingerprint_in_name", False):
+    always = getattr(cls, "fingerprint_in_name", False)
+    if not hasattr(cls, "data_fingerprint") or (given is None and data_dir is None and not always):
         return registered
     fingerprint = cls.data_fingerprint(data_dir)[:FINGERPRINT_CHARS]
     if given is not None and given != fingerprint:
         raise UserError(f"dataset {name} was made from other data than {cls.resolve_data_dir(data_dir)} (its "
                         f"fingerprint is {fingerprint}: the images changed or another folder was given); pass "
                         f"--dataset {registered} with the --data-dir you mean")
+    if not always and _is_default_data(cls, data_dir, fingerprint):
+        return registered
     return f"{registered}-{fingerprint}"
+
+
+def _is_default_data(cls: type, data_dir: str | os.PathLike | None, fingerprint: str) -> bool:
+    """Whether `data_dir` is (a copy of) the data `cls` reads when no folder is given."""
+    if data_dir is None:
+        return True
+    try:
+        default = cls.resolve_data_dir(None)
+    except UserError:  # no default data (FOCUS without $FOCUS_DIR): every folder is "other" data
+        return False
+    if Path(data_dir).expanduser().resolve() == default.resolve():
+        return True
+    return cls.data_fingerprint(None)[:FINGERPRINT_CHARS] == fingerprint
 
 
 def data_fingerprint(name: str, data_dir: str | os.PathLike | None = None) -> str | None:

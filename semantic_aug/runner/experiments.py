@@ -29,6 +29,7 @@ written as values (`use-embedding-noise: 1`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import re
@@ -64,7 +65,6 @@ RUNNER_FLAGS = {
     "train_classifier": {"dataset", "seeds", "examples-per-class", "method", "logdir", "synthetic-dir",
                          "eval_on_test_set", "data-dir", "model-path", "prompt-path", "models-root"},
 }
-TOKENS_ROOT = "tokens"  # aggregate_embeddings.py's default output, where train_classifier.py looks by default
 FINE_TUNE_OUTPUT = "./"  # fine_tune.py's default --output_dir; it writes {output_dir}/fine-tuned/
 METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # becomes a folder name
 TEST_SPLITS = ("test", "test_uncommon_context")  # what train_classifier.py --eval_on_test_set evaluates
@@ -262,12 +262,6 @@ def _prompts_cover_classes(path: Path, dataset: str) -> bool:
     return True
 
 
-def _tokens_file(dataset: str, seed: int, examples_per_class: int, noise: bool) -> Path:
-    from semantic_aug.core.embeddings import tokens_path
-
-    return Path(tokens_path(dataset, seed, examples_per_class, noise=noise, root=TOKENS_ROOT))
-
-
 def plan_jobs(config: dict, methods: list[str] | None = None) -> list[Job]:
     """Every job of the grid, prerequisites before the runs that need them.
 
@@ -278,13 +272,11 @@ def plan_jobs(config: dict, methods: list[str] | None = None) -> list[Job]:
     Returns:
         The jobs in a valid order (a job's `needs` come before it).
     """
-    from semantic_aug.stages.filtering import filter_path
-    from semantic_aug.stages.training import results_csv_path, test_csv_path
-
+    from semantic_aug.core.layout import FINE_TUNED_FOLDER, RunLayout
     from semantic_aug.datasets import dataset_key, get_dataset_class
 
     data_dir, results_dir = config["data_dir"], Path(config["results_dir"])
-    # folder datasets: the key carries the data fingerprint, so a run on another data folder is never "finished"
+    # the key carries the data fingerprint off the dataset's default data, so a run on other data is never "finished"
     dataset = dataset_key(config["dataset"], data_dir)
     pipeline_logs = results_dir / "pipeline_logs"
     data_flags = ["--data-dir", str(data_dir)] if data_dir else []
@@ -319,7 +311,10 @@ def plan_jobs(config: dict, methods: list[str] | None = None) -> list[Job]:
     for seed in config["seeds"]:
         for epc in config["examples_per_class"]:
             run_id = f"{dataset} seed {seed} {epc}epc"
-            log_suffix = f"{dataset}_{seed}_{epc}.log"
+            # the run's files; the tokens stay in the scripts' default folder, where train_classifier.py looks
+            layout = RunLayout(dataset, seed, epc, fine_tuned_root=fine_tune_output / FINE_TUNED_FOLDER,
+                               models_root=config["models_root"], results_root=results_dir)
+            log_suffix = f"{layout.run_id}.log"
             selection = ["--seeds", str(seed), "--examples-per-class", str(epc)]
             prerequisites: dict[str, str] = {}  # what -> job name
 
@@ -328,14 +323,14 @@ def plan_jobs(config: dict, methods: list[str] | None = None) -> list[Job]:
             variants = [noise for noise, wanted in ((False, any(n.tokens for n in needs_of.values())),
                                                     (True, any(n.noisy_tokens for n in needs_of.values()))) if wanted]
             if variants:
-                token_files = [_tokens_file(dataset, seed, epc, noise) for noise in variants]
+                token_files = [layout.tokens(noise) for noise in variants]
                 fine_tune = Job(f"fine_tune {run_id}", "fine_tune.py",
                                 ["--pretrained_model_name_or_path", str(config["model_path"]), "--dataset", dataset,
                                  *selection, *data_flags, *flag_arguments(config["fine_tune"])],
                                 [], pipeline_logs / f"fine_tune_{log_suffix}", skip_when=token_files)
                 aggregate = Job(f"aggregate_embeddings {run_id}", "aggregate_embeddings.py",
                                 ["--dataset", dataset, *selection, *data_flags,
-                                 "--input-path", str(fine_tune_output / "fine-tuned"),
+                                 "--input-path", str(layout.fine_tuned_root),
                                  "--augment-embeddings", str(True in variants),
                                  *flag_arguments(config["aggregate_embeddings"])],
                                 token_files, pipeline_logs / f"aggregate_embeddings_{log_suffix}", needs=[fine_tune.name])
@@ -346,7 +341,7 @@ def plan_jobs(config: dict, methods: list[str] | None = None) -> list[Job]:
                 jobs.append(Job(name, "train_filter.py",
                                 ["--dataset", dataset, *selection, *data_flags, "--models-root",
                                  str(config["models_root"]), *flag_arguments(config["filter"])],
-                                [filter_path(config["models_root"], dataset, seed, epc)],
+                                [layout.filter],
                                 pipeline_logs / f"train_filter_{log_suffix}"))
                 prerequisites["filter"] = name
             if prompt_job:
@@ -355,12 +350,10 @@ def plan_jobs(config: dict, methods: list[str] | None = None) -> list[Job]:
             # 3. one classifier run per method
             for method in methods:
                 needs = needs_of[method]
-                method_dir = results_dir / f"{dataset}_{epc}epc" / method
-                logdir = method_dir / "logs"
-                outputs = [results_csv_path(logdir, dataset, seed, epc)]
-                outputs += [test_csv_path(logdir, split, dataset, seed, epc) for split in config["eval_splits"]]
-                arguments = ["--dataset", dataset, *selection, "--method", method, "--logdir", str(logdir),
-                             "--synthetic-dir", str(method_dir / f"synthetics_seed_{seed}"),
+                run = dataclasses.replace(layout, method=method)
+                outputs = [run.results_csv, *(run.test_csv(split) for split in config["eval_splits"])]
+                arguments = ["--dataset", dataset, *selection, "--method", method, "--logdir", str(run.logdir),
+                             "--synthetic-dir", str(run.synthetic_dir),
                              "--model-path", str(config["model_path"]), *data_flags]
                 if config["eval_splits"]:
                     arguments += ["--eval_on_test_set", *config["eval_splits"]]
@@ -370,7 +363,7 @@ def plan_jobs(config: dict, methods: list[str] | None = None) -> list[Job]:
                     arguments += ["--models-root", str(config["models_root"])]
                 jobs.append(Job(f"train_classifier {method} {run_id}", "train_classifier.py",
                                 arguments + flag_arguments(flags_of[method]), outputs,
-                                logdir / f"train_classifier_{log_suffix}",
+                                run.logdir / f"train_classifier_{log_suffix}",
                                 needs=[prerequisites[what] for what in ("tokens", "noisy_tokens", "prompts", "filter")
                                        if getattr(needs, what) and what in prerequisites]))
     return jobs

@@ -2,13 +2,10 @@
 
 `report.py` is the command line; the experiment runner calls `build_report` when its grid is done.
 
-Sources, found anywhere under the results folder (layout of `train_classifier.py`):
-    {...}/{method}/logs/results_{dataset}_{seed}_{epc}.csv             per-epoch history; "val" = best
-                                                                      validation "Accuracy" (the mean
-                                                                      per-class accuracy the checkpoint
-                                                                      was selected by)
-    {...}/{method}/test/{split}_results_{dataset}_{seed}_{epc}.csv     "Mean Accuracy" on `split`
-    {...}/{method}/synthetics_seed_{seed}/manifest.csv                 synthetic images (+ filter weights)
+Sources, found anywhere under the results folder (`RunLayout`'s names, read back with its patterns): each run's
+results CSV (per-epoch history; "val" = the best validation "Accuracy", the mean per-class accuracy the
+checkpoint was selected by), its test CSVs ("Mean Accuracy" on each split) and its synthetic manifest
+(synthetic images, with the filter weights).
 
 Accuracies are fractions in the CSVs and percentages in the report. The spread over seeds is the sample
 standard deviation (ddof=1); a cell with one seed shows its mean alone.
@@ -20,13 +17,13 @@ import io
 import logging
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from semantic_aug.core.layout import MANIFEST_NAME, RESULTS_FILE, RUN_FOLDER, SYNTHETIC_FOLDER, TEST_FILE
 from semantic_aug.core.utils import UserError, atomic_write_bytes, atomic_write_csv, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -48,11 +45,6 @@ DATASET_LABELS = {"custom_coco": "Custom COCO", "coco": "COCO", "focus": "FOCUS"
 SPLIT_LABELS = {"test": "test", "test_uncommon_context": "uncommon context", "val": "val (best epoch)"}
 SPLIT_ALIASES = {"test_uncommon": "test_uncommon_context"}  # the reference's name for the uncommon split
 
-RESULTS_FILE = re.compile(r"^results_(?P<dataset>.+)_(?P<seed>\d+)_(?P<epc>\d+)\.csv$")
-TEST_FILE = re.compile(r"^(?P<split>.+?)_results_(?P<dataset>.+)_(?P<seed>\d+)_(?P<epc>\d+)\.csv$")
-RUN_FOLDER = re.compile(r"^(?P<dataset>.+)_(?P<epc>\d+)epc$")
-SYNTHETIC_FOLDER = re.compile(r"^synthetics_seed_(?P<seed>\d+)$")
-MANIFEST_NAME = "manifest.csv"
 
 PERCENT = 100.0  # CSVs hold fractions; the report shows percentages
 DECIMALS = 1  # digits after the point in the table

@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from semantic_aug.core.classifiers import FewShotClassifier
+from semantic_aug.core.layout import RunLayout
 from semantic_aug.datasets.few_shot_dataset import TRAIN_SPLIT, build_transform
 from semantic_aug.core.utils import (UserError, atomic_torch_save, atomic_write_csv, atomic_write_text, load_image,
                                 pick_device)
@@ -58,21 +59,6 @@ FILTER_FORMAT_VERSION = 1
 
 # ----------------------------------------------------------------------------------------------------------
 # the model and its file
-
-
-def filter_path(models_root: str | os.PathLike, dataset: str, seed: int, examples_per_class: int) -> Path:
-    """Where the filter of one run lives: `{models_root}/filter_{dataset}_{seed}_{examples_per_class}.pth`.
-
-    Args:
-        models_root: folder of the saved models (`--models-root`, default `models`).
-        dataset: dataset name, e.g. `custom_coco`.
-        seed: the run's seed.
-        examples_per_class: the run's real images per class.
-
-    Returns:
-        The path (not checked for existence).
-    """
-    return Path(models_root) / f"filter_{dataset}_{seed}_{examples_per_class}.pth"
 
 
 class FilterModel(nn.Module):
@@ -114,7 +100,7 @@ def save_filter(filter_model: FilterModel, path: str | os.PathLike, metadata: di
 
     Args:
         filter_model: the calibrated filter.
-        path: target file (`filter_path(...)`).
+        path: target file (`RunLayout.filter`).
         metadata: extra JSON-like facts to keep (dataset, seed, calibration metrics, ...).
     """
     classifier = filter_model.classifier
@@ -141,7 +127,7 @@ def load_filter(path: str | os.PathLike, device: str | torch.device | None = Non
     """Load a filter saved by `train_filter` / `save_filter`, in eval mode on `device`.
 
     Args:
-        path: the filter file, usually `filter_path(models_root, dataset, seed, examples_per_class)`.
+        path: the filter file, usually `RunLayout(dataset, seed, examples_per_class, models_root=...).filter`.
         device: where to put it (default: CUDA when present, else CPU).
 
     Returns:
@@ -292,8 +278,8 @@ def train_filter(dataset_name: str, seed: int, examples_per_class: int, *, data_
     Steps: the real few-shot training split only (RandAugment on), a frozen pretrained backbone plus a linear
     head trained with the shared loop (class-balanced sampling, Adam with L2 weight decay as the reference, early
     stopping on the mean per-class validation loss, best epoch kept as a copy); temperature scaling on the validation logits;
-    NLL and ECE before and after calibration logged to `{logdir}/calibration_filter_{dataset}_{seed}_{epc}.csv`
-    and the training curves to `{logdir}/train_filter_{dataset}_{seed}_{epc}.csv`.
+    NLL and ECE before and after calibration and the training curves logged to the CSVs of
+    `RunLayout.filter_logs(logdir)`.
 
     Args:
         dataset_name: registered dataset (`custom_coco`, `coco`, `focus`).
@@ -301,7 +287,7 @@ def train_filter(dataset_name: str, seed: int, examples_per_class: int, *, data_
         examples_per_class: real training images per class.
         data_dir: the dataset's folder (None: its default / environment variable).
         backbone: classifier backbone name (`efficientnet_lite0`, `resnet50`, `deit`, ...).
-        models_root: folder of the saved filter (`filter_path`).
+        models_root: folder of the saved filter (`RunLayout.filter`).
         logdir: folder of the CSV logs.
         iterations_per_epoch: batches per epoch.
         max_epochs: upper bound on epochs (early stopping usually ends sooner).
@@ -326,13 +312,13 @@ def train_filter(dataset_name: str, seed: int, examples_per_class: int, *, data_
     from semantic_aug.stages.training import fit
     from semantic_aug.core.utils import restart_marker, set_seed
 
-    path = filter_path(models_root, dataset_name, seed, examples_per_class)
+    layout = RunLayout(dataset_name, seed, examples_per_class, models_root=models_root)
+    path = layout.filter
     if path.is_file() and not overwrite:
         logger.info("filter %s exists; keeping it (pass overwrite / --overwrite to retrain)", path)
         return path
-    run_name = f"{dataset_name}_{seed}_{examples_per_class}"
-    logs = [Path(logdir) / f"train_filter_{run_name}.csv", Path(logdir) / f"calibration_filter_{run_name}.csv"]
-    with restart_marker(path, f"filter {run_name}: training", logs):
+    logs = layout.filter_logs(logdir)
+    with restart_marker(path, f"filter {layout.run_id}: training", logs):
         device = device if isinstance(device, torch.device) else pick_device(device)
         set_seed(seed)
 
@@ -352,8 +338,8 @@ def train_filter(dataset_name: str, seed: int, examples_per_class: int, *, data_
         classifier = FewShotClassifier(backbone, train_dataset.num_classes)
         result = fit(classifier, train_dataset, val_dataset, num_epochs=max_epochs,
                      iterations_per_epoch=iterations_per_epoch, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                     select_by="loss", early_stopping_patience=early_stopping_patience, device=device, seed=seed,
-                     use_randaugment=use_randaugment, progress=progress)  # returns with the best epoch's weights loaded
+                     select_by="loss", early_stopping_patience=early_stopping_patience, device=device,
+                     generator=torch.Generator().manual_seed(seed), use_randaugment=use_randaugment, progress=progress)  # returns with the best epoch's weights loaded
 
         # 3. temperature scaling on the validation logits of the best epoch
         logits, labels = predict_logits(classifier, val_dataset, device, batch_size=max(batch_size, 64),

@@ -41,13 +41,13 @@ from semantic_aug.stages.augmentations import (COMPOSERS, Choice, DiffusionSampl
                                         TextualInversion, get_augmentation_class)
 from semantic_aug.stages.augmentations.generative_augmentation import check_strength_and_guidance, settings_digest
 from semantic_aug.core.embeddings import load_tokens, stable_seed
+from semantic_aug.core.layout import MANIFEST_NAME
 from semantic_aug.stages.prompts import read_prompt_csv
 from semantic_aug.core.utils import (DTYPES, StageTimer, UserError, atomic_path, atomic_save_image,
                                 atomic_write_csv, atomic_write_text, remove_stale_temporaries)
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.csv"
 SETTINGS_NAME = "settings.json"
 MANIFEST_COLUMNS = [
     "real_idx", "synthetic_idx", "label", "class_name", "augmentation", "token", "prompt", "seed", "path"]

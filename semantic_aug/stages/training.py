@@ -600,7 +600,7 @@ def _is_improvement(value: float, best: float | None, select_by: str) -> bool:
 
 def fit(model: nn.Module, train_dataset, val_dataset, *, num_epochs: int, iterations_per_epoch: int, batch_size: int,
         lr: float = 1e-4, weight_decay: float = 0.0, select_by: str = "accuracy",
-        early_stopping_patience: int | None = None, device: torch.device | str, seed: int,
+        early_stopping_patience: int | None = None, device: torch.device | str, generator: torch.Generator,
         sample_loss_weights: dict[str, float] | None = None, use_randaugment: bool | None = None,
         use_cutmix: bool = False, num_workers: int | None = None, progress: bool = True) -> FitResult:
     """Train `model` on the few-shot split and keep its best epoch (the reference's train_classifier.py loop).
@@ -621,7 +621,8 @@ def fit(model: nn.Module, train_dataset, val_dataset, *, num_epochs: int, iterat
             mean per-class val loss (the filter's rule); ties keep the earlier epoch.
         early_stopping_patience: stop after this many epochs without improvement (None: never).
         device: where to train.
-        seed: seeds every draw of the run (images, synthetic replacement, transform parameters).
+        generator: every draw of the run (images, synthetic replacement, transform parameters) comes from it;
+            the caller seeds it (`torch.Generator().manual_seed(seed)`).
         sample_loss_weights: synthetic image path (str) -> loss weight (filter mode `loss`, from
             `semantic_aug.stages.filtering.apply_filter_mode`); other images weigh 1. The batch loss is the mean of
             weight × cross-entropy.
@@ -640,7 +641,6 @@ def fit(model: nn.Module, train_dataset, val_dataset, *, num_epochs: int, iterat
         raise UserError(f"num_epochs, iterations_per_epoch and batch_size must be at least 1, got "
                         f"{num_epochs}, {iterations_per_epoch}, {batch_size}")
     device = torch.device(device)
-    generator = torch.Generator().manual_seed(seed)
     class_names = list(train_dataset.class_names)
     num_classes = len(class_names)
     if device.type == "cuda":
@@ -720,7 +720,7 @@ def fit(model: nn.Module, train_dataset, val_dataset, *, num_epochs: int, iterat
 
     model.load_state_dict(best_state)
     history = pd.DataFrame.from_records(
-        [(i, seed, examples_per_class, epoch, value, metric, split)
+        [(i, generator.initial_seed(), examples_per_class, epoch, value, metric, split)
          for i, (epoch, value, metric, split) in enumerate(records)], columns=RESULTS_COLUMNS)
     return FitResult(best_state_dict=best_state, best_epoch=best_epoch, history=history,
                      best_value=math.nan if best_value is None else best_value, timings=timings)
@@ -751,40 +751,7 @@ def evaluate(model: nn.Module, dataset, device: torch.device | str, batch_size: 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# output files: results tables and classifier checkpoints
-
-
-def format_list(values) -> str:
-    """The reference's spelling of a list flag inside a file name: [0.7] -> `[0.7]`."""
-    return str(list(values)) if isinstance(values, (list, tuple)) else str(values)
-
-
-def classifier_filename(dataset: str, seed: int, examples_per_class: int, *, strength=None, guidance_scale=None,
-                        use_filter: bool = False, use_llm: bool = False, use_noise: bool = False,
-                        uncommon: bool = False) -> str:
-    """The reference's `classifier_{ds}_{seed}_{epc}[_{strength}_{guidance}][_filter][_llm][_noise][_uncommon].pth`.
-
-    Args:
-        strength, guidance_scale: given (lists or numbers) when synthetic images were used.
-        use_filter, use_llm, use_noise, uncommon: DIAGen's switches of the run.
-    """
-    name = f"classifier_{dataset}_{seed}_{examples_per_class}"
-    if strength is not None and guidance_scale is not None:
-        name += f"_{format_list(strength)}_{format_list(guidance_scale)}"
-    for flag, suffix in ((use_filter, "_filter"), (use_llm, "_llm"), (use_noise, "_noise"), (uncommon, "_uncommon")):
-        if flag:
-            name += suffix
-    return name + ".pth"
-
-
-def results_csv_path(logdir: str | os.PathLike, dataset: str, seed: int, examples_per_class: int) -> Path:
-    """`{logdir}/results_{ds}_{seed}_{epc}.csv`: the training history."""
-    return Path(logdir) / f"results_{dataset}_{seed}_{examples_per_class}.csv"
-
-
-def test_csv_path(logdir: str | os.PathLike, split: str, dataset: str, seed: int, examples_per_class: int) -> Path:
-    """`{dirname(logdir)}/test/{split}_results_{ds}_{seed}_{epc}.csv`: the evaluation of the best model."""
-    return Path(logdir).parent / "test" / f"{split}_results_{dataset}_{seed}_{examples_per_class}.csv"
+# classifier checkpoints (their names: `semantic_aug.core.layout.RunLayout`)
 
 
 def save_classifier(model: FewShotClassifier, path: str | os.PathLike, metadata: dict) -> None:

@@ -60,8 +60,8 @@ class TextualInversion(PromptedAugmentation):
     Args:
         sampler: the loaded diffusion model.
         class_names: the dataset's classes (each needs its token in the file).
-        embed_path: the token file (`tokens/{dataset}-tokens/[noise/]{dataset}-{seed}-{epc}.pt`; for SDXL also its
-            second-encoder file `..._2.pt`).
+        embed_path: the token file (`RunLayout.tokens()`, or with noise `RunLayout.tokens(noise=True)`; for SDXL
+            also its second-encoder file `..._2.pt`).
         use_embedding_noise: cycle through the noisy tokens; the file must hold them for every class.
         std_deviations: the noise levels to use; None uses those the file holds.
         **kwargs: `PromptedAugmentation` options (prompt, strength, guidance_scale, mask, inverted, class_prompts).
