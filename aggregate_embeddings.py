@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from semantic_aug.datasets import (DatasetChoices, add_dataset_module_argument, create_dataset, dataset_key,
                                    get_dataset_class, list_datasets)
