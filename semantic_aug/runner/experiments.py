@@ -262,6 +262,22 @@ def _prompts_cover_classes(path: Path, dataset: str) -> bool:
     return True
 
 
+@dataclass
+class GridPlan:
+    """What every job of a grid shares: the dataset key, its data flags, the methods' flags and needs."""
+
+    config: dict
+    dataset: str
+    data_flags: list[str]
+    pipeline_logs: Path
+    methods: list[str]
+    flags_of: dict[str, dict]
+    needs_of: dict[str, MethodNeeds]
+
+    def any_needs(self, what: str) -> bool:
+        return any(getattr(needs, what) for needs in self.needs_of.values())
+
+
 def plan_jobs(config: dict, methods: list[str] | None = None) -> list[Job]:
     """Every job of the grid, prerequisites before the runs that need them.
 
@@ -273,99 +289,114 @@ def plan_jobs(config: dict, methods: list[str] | None = None) -> list[Job]:
         The jobs in a valid order (a job's `needs` come before it).
     """
     from semantic_aug.core.layout import FINE_TUNED_FOLDER, RunLayout
-    from semantic_aug.datasets import dataset_key, get_dataset_class
+    from semantic_aug.datasets import dataset_key
 
     data_dir, results_dir = config["data_dir"], Path(config["results_dir"])
-    # the key carries the data fingerprint off the dataset's default data, so a run on other data is never "finished"
-    dataset = dataset_key(config["dataset"], data_dir)
-    pipeline_logs = results_dir / "pipeline_logs"
-    data_flags = ["--data-dir", str(data_dir)] if data_dir else []
     methods = methods or list(config["methods"])
     unknown = [m for m in methods if m not in config["methods"]]
     if unknown:
         raise UserError(f"unknown method(s) {', '.join(unknown)}; the config has: {', '.join(config['methods'])}")
     flags_of = {m: {**config["train_classifier"], **config["methods"][m]} for m in methods}
-    needs_of = {m: method_needs(flags) for m, flags in flags_of.items()}
-    jobs: list[Job] = []
+    # the key carries the data fingerprint off the dataset's default data, so a run on other data is never "finished"
+    plan = GridPlan(config, dataset_key(config["dataset"], data_dir), ["--data-dir", str(data_dir)] if data_dir else [],
+                    results_dir / "pipeline_logs", methods, flags_of,
+                    {m: method_needs(flags) for m, flags in flags_of.items()})
 
-    # 1. LLM prompts, once per dataset
-    prompt_path, prompt_job = None, None
-    if any(needs.prompts for needs in needs_of.values()):
-        if not config["prompts"].get("path"):
-            raise UserError("a method uses LLM prompts (use-generated-prompts), so the config needs prompts.path")
-        prompt_path = Path(config["prompts"]["path"])
-        generate = config["prompts"].get("generate")
-        if generate:
-            prompt_job = Job(f"generate_prompts {dataset}", "generate_prompts.py",
-                             ["--dataset", dataset, "--outdir", str(prompt_path.parent), "--out-filename",
-                              prompt_path.name, *(data_flags if not get_dataset_class(dataset).class_names else []),
-                              *flag_arguments(generate)],
-                             [prompt_path], pipeline_logs / f"generate_prompts_{dataset}.log",
-                             complete=lambda: _prompts_cover_classes(prompt_path, dataset))
-            jobs.append(prompt_job)
-        elif not prompt_path.is_file():
-            raise UserError(f"prompt file {prompt_path} not found; create it with generate_prompts.py or add "
-                            f"prompts.generate (generate_prompts.py flags) to the config")
-
+    prompt_job, prompt_path = plan_prompt_job(plan)  # 1. LLM prompts, once per dataset
+    jobs = [prompt_job] if prompt_job else []
     fine_tune_output = Path(config["fine_tune"].get("output_dir", FINE_TUNE_OUTPUT))
     for seed in config["seeds"]:
         for epc in config["examples_per_class"]:
-            run_id = f"{dataset} seed {seed} {epc}epc"
             # the run's files; the tokens stay in the scripts' default folder, where train_classifier.py looks
-            layout = RunLayout(dataset, seed, epc, fine_tuned_root=fine_tune_output / FINE_TUNED_FOLDER,
+            layout = RunLayout(plan.dataset, seed, epc, fine_tuned_root=fine_tune_output / FINE_TUNED_FOLDER,
                                models_root=config["models_root"], results_root=results_dir)
-            log_suffix = f"{layout.run_id}.log"
-            selection = ["--seeds", str(seed), "--examples-per-class", str(epc)]
-            prerequisites: dict[str, str] = {}  # what -> job name
-
-            # 2. textual-inversion tokens (with --augment-embeddings, aggregation writes the plain and the noisy
-            #    file), and the filter
-            variants = [noise for noise, wanted in ((False, any(n.tokens for n in needs_of.values())),
-                                                    (True, any(n.noisy_tokens for n in needs_of.values()))) if wanted]
-            if variants:
-                token_files = [layout.tokens(noise) for noise in variants]
-                fine_tune = Job(f"fine_tune {run_id}", "fine_tune.py",
-                                ["--pretrained_model_name_or_path", str(config["model_path"]), "--dataset", dataset,
-                                 *selection, *data_flags, *flag_arguments(config["fine_tune"])],
-                                [], pipeline_logs / f"fine_tune_{log_suffix}", skip_when=token_files)
-                aggregate = Job(f"aggregate_embeddings {run_id}", "aggregate_embeddings.py",
-                                ["--dataset", dataset, *selection, *data_flags,
-                                 "--input-path", str(layout.fine_tuned_root),
-                                 "--augment-embeddings", str(True in variants),
-                                 *flag_arguments(config["aggregate_embeddings"])],
-                                token_files, pipeline_logs / f"aggregate_embeddings_{log_suffix}", needs=[fine_tune.name])
-                jobs += [fine_tune, aggregate]
-                prerequisites["tokens"] = prerequisites["noisy_tokens"] = aggregate.name
-            if any(n.filter for n in needs_of.values()):
-                name = f"train_filter {run_id}"
-                jobs.append(Job(name, "train_filter.py",
-                                ["--dataset", dataset, *selection, *data_flags, "--models-root",
-                                 str(config["models_root"]), *flag_arguments(config["filter"])],
-                                [layout.filter],
-                                pipeline_logs / f"train_filter_{log_suffix}"))
-                prerequisites["filter"] = name
+            prerequisites = plan_run_prerequisites(plan, layout)  # 2. tokens and the filter
+            jobs += {job.name: job for job in prerequisites.values()}.values()  # aggregation provides two things
+            needed = {what: job.name for what, job in prerequisites.items()}
             if prompt_job:
-                prerequisites["prompts"] = prompt_job.name
+                needed["prompts"] = prompt_job.name
+            jobs += plan_classifier_runs(plan, layout, needed, prompt_path)  # 3. one classifier run per method
+    return jobs
 
-            # 3. one classifier run per method
-            for method in methods:
-                needs = needs_of[method]
-                run = dataclasses.replace(layout, method=method)
-                outputs = [run.results_csv, *(run.test_csv(split) for split in config["eval_splits"])]
-                arguments = ["--dataset", dataset, *selection, "--method", method, "--logdir", str(run.logdir),
-                             "--synthetic-dir", str(run.synthetic_dir),
-                             "--model-path", str(config["model_path"]), *data_flags]
-                if config["eval_splits"]:
-                    arguments += ["--eval_on_test_set", *config["eval_splits"]]
-                if needs.prompts:
-                    arguments += ["--prompt-path", str(prompt_path)]
-                if needs.filter:
-                    arguments += ["--models-root", str(config["models_root"])]
-                jobs.append(Job(f"train_classifier {method} {run_id}", "train_classifier.py",
-                                arguments + flag_arguments(flags_of[method]), outputs,
-                                run.logdir / f"train_classifier_{log_suffix}",
-                                needs=[prerequisites[what] for what in ("tokens", "noisy_tokens", "prompts", "filter")
-                                       if getattr(needs, what) and what in prerequisites]))
+
+def _selection(layout) -> list[str]:
+    return ["--seeds", str(layout.seed), "--examples-per-class", str(layout.examples_per_class)]
+
+
+def plan_prompt_job(plan: GridPlan) -> tuple[Job | None, Path | None]:
+    """The job that writes the LLM prompts (None where the file is given or no method uses prompts), and the file."""
+    from semantic_aug.datasets import get_dataset_class
+
+    config, dataset = plan.config, plan.dataset
+    if not plan.any_needs("prompts"):
+        return None, None
+    if not config["prompts"].get("path"):
+        raise UserError("a method uses LLM prompts (use-generated-prompts), so the config needs prompts.path")
+    prompt_path = Path(config["prompts"]["path"])
+    generate = config["prompts"].get("generate")
+    if generate:
+        return Job(f"generate_prompts {dataset}", "generate_prompts.py",
+                   ["--dataset", dataset, "--outdir", str(prompt_path.parent), "--out-filename", prompt_path.name,
+                    *(plan.data_flags if not get_dataset_class(dataset).class_names else []),
+                    *flag_arguments(generate)],
+                   [prompt_path], plan.pipeline_logs / f"generate_prompts_{dataset}.log",
+                   complete=lambda: _prompts_cover_classes(prompt_path, dataset)), prompt_path
+    if not prompt_path.is_file():
+        raise UserError(f"prompt file {prompt_path} not found; create it with generate_prompts.py or add "
+                        f"prompts.generate (generate_prompts.py flags) to the config")
+    return None, prompt_path
+
+
+def plan_run_prerequisites(plan: GridPlan, layout) -> dict[str, Job]:
+    """A run's textual-inversion tokens (with --augment-embeddings, aggregation writes the plain and the noisy
+    file) and its filter, keyed by what they provide (`tokens`, `noisy_tokens`, `filter`)."""
+    config, run_id = plan.config, f"{plan.dataset} seed {layout.seed} {layout.examples_per_class}epc"
+    log_suffix, selection = f"{layout.run_id}.log", _selection(layout)
+    jobs: dict[str, Job] = {}
+    variants = [noise for noise, wanted in ((False, plan.any_needs("tokens")), (True, plan.any_needs("noisy_tokens")))
+                if wanted]
+    if variants:
+        token_files = [layout.tokens(noise) for noise in variants]
+        fine_tune = Job(f"fine_tune {run_id}", "fine_tune.py",
+                        ["--pretrained_model_name_or_path", str(config["model_path"]), "--dataset", plan.dataset,
+                         *selection, *plan.data_flags, *flag_arguments(config["fine_tune"])],
+                        [], plan.pipeline_logs / f"fine_tune_{log_suffix}", skip_when=token_files)
+        aggregate = Job(f"aggregate_embeddings {run_id}", "aggregate_embeddings.py",
+                        ["--dataset", plan.dataset, *selection, *plan.data_flags,
+                         "--input-path", str(layout.fine_tuned_root), "--augment-embeddings", str(True in variants),
+                         *flag_arguments(config["aggregate_embeddings"])],
+                        token_files, plan.pipeline_logs / f"aggregate_embeddings_{log_suffix}", needs=[fine_tune.name])
+        jobs.update(fine_tune=fine_tune, tokens=aggregate, noisy_tokens=aggregate)
+    if plan.any_needs("filter"):
+        jobs["filter"] = Job(f"train_filter {run_id}", "train_filter.py",
+                             ["--dataset", plan.dataset, *selection, *plan.data_flags, "--models-root",
+                              str(config["models_root"]), *flag_arguments(config["filter"])],
+                             [layout.filter], plan.pipeline_logs / f"train_filter_{log_suffix}")
+    return jobs
+
+
+def plan_classifier_runs(plan: GridPlan, layout, needed: dict[str, str], prompt_path: Path | None) -> list[Job]:
+    """One `train_classifier.py` job per method, needing the jobs that make its tokens, prompts and filter."""
+    config, run_id = plan.config, f"{plan.dataset} seed {layout.seed} {layout.examples_per_class}epc"
+    jobs = []
+    for method in plan.methods:
+        needs = plan.needs_of[method]
+        run = dataclasses.replace(layout, method=method)
+        outputs = [run.results_csv, *(run.test_csv(split) for split in config["eval_splits"])]
+        arguments = ["--dataset", plan.dataset, *_selection(layout), "--method", method, "--logdir", str(run.logdir),
+                     "--synthetic-dir", str(run.synthetic_dir), "--model-path", str(config["model_path"]),
+                     *plan.data_flags]
+        if config["eval_splits"]:
+            arguments += ["--eval_on_test_set", *config["eval_splits"]]
+        if needs.prompts:
+            arguments += ["--prompt-path", str(prompt_path)]
+        if needs.filter:
+            arguments += ["--models-root", str(config["models_root"])]
+        jobs.append(Job(f"train_classifier {method} {run_id}", "train_classifier.py",
+                        arguments + flag_arguments(plan.flags_of[method]), outputs,
+                        run.logdir / f"train_classifier_{layout.run_id}.log",
+                        needs=[needed[what] for what in ("tokens", "noisy_tokens", "prompts", "filter")
+                               if getattr(needs, what) and what in needed]))
     return jobs
 
 
