@@ -34,7 +34,7 @@ from semantic_aug.core.model_family import detect_family
 from semantic_aug.core.stable_diffusion import (default_resolution, enable_compile_cache, load_sd_components,
                                                 load_sdxl_second_encoder, load_tokenizer, resolve_model_path)
 from semantic_aug.stages.textual_inversion_training import (TEMPLATES, ClassSpec, TextualInversionConfig,
-                                                     TextualInversionTrainer)
+                                                           TextualInversionTrainer, TrainingSpeed)
 from semantic_aug.core.layout import FINE_TUNED_FOLDER, RunLayout
 from semantic_aug.core.utils import (HelpFormatter, UserError, check_flag_minimum, make_output_dir, pick_device,
                                 remove_stale_temporaries, run_cli, str2bool)
@@ -331,8 +331,8 @@ def main(args: argparse.Namespace) -> None:
     if compile_unet:
         enable_compile_cache()
     trainer = TextualInversionTrainer(tokenizer, text_encoder, vae, unet, noise_scheduler, first_config, accelerator,
-                                      gradient_checkpointing=args.gradient_checkpointing, compile=compile_unet,
-                                      channels_last=args.channels_last, run_settings=run_settings,
+                                      TrainingSpeed(args.gradient_checkpointing, compile_unet, args.channels_last),
+                                      run_settings=run_settings,
                                       second_encoder=load_second_encoder(args))
 
     for seed in args.seeds:

@@ -34,16 +34,16 @@ from pathlib import Path
 # fewer fragmentation out-of-memory errors while the micro-batch size is searched
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from semantic_aug.datasets import create_dataset  # noqa: E402
-from semantic_aug.core.embeddings import class_folder_name  # noqa: E402
-from semantic_aug.core.stable_diffusion import build_random_sd_v1, default_resolution, load_sd_components  # noqa: E402
-from semantic_aug.stages.textual_inversion_training import (OBJECT_TEMPLATES, ClassSpec, TextualInversionConfig,  # noqa: E402
-                                                     TextualInversionTrainer, enable_gradient_checkpointing,
-                                                     preprocess_image)
-from semantic_aug.core.utils import UserError, pick_device, run_cli  # noqa: E402
+from semantic_aug.datasets import create_dataset
+from semantic_aug.core.embeddings import class_folder_name
+from semantic_aug.core.stable_diffusion import build_random_sd_v1, default_resolution, load_sd_components
+from semantic_aug.stages.textual_inversion_training import (OBJECT_TEMPLATES, ClassSpec, TextualInversionConfig,
+                                                           TextualInversionTrainer, TrainingSpeed,
+                                                           enable_gradient_checkpointing, preprocess_image)
+from semantic_aug.core.utils import UserError, pick_device, run_cli
 
 STAGE_CLASSES, STAGE_STEPS, STAGE_BATCH = 23, 1000, 4  # the paper's Custom COCO stage: classes × updates × samples
 TARGET_MINUTES, TARGET_SPEEDUP = 12.0, 8.0  # issue #4's targets for the fast path
@@ -166,8 +166,8 @@ def bench_fast(name: str, parts, classes: list[ClassSpec], resolution: int, acce
     config = TextualInversionConfig(resolution=resolution, train_batch_size=STAGE_BATCH, max_train_steps=STAGE_STEPS,
                                     learning_rate=REFERENCE_LEARNING_RATE, lr_warmup_steps=0, checkpointing_steps=None,
                                     save_steps=None, micro_batch_size=micro_batch_size, resume=False)
-    trainer = TextualInversionTrainer(*parts, config, accelerator, channels_last=options.get("channels_last", False),
-                                      compile=options.get("compile", False))
+    speed = TrainingSpeed(compile=options.get("compile", False), channels_last=options.get("channels_last", False))
+    trainer = TextualInversionTrainer(*parts, config, accelerator, speed)
     device = accelerator.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -133,6 +133,9 @@ def test_the_whole_pipeline_runs_on_tiny_sd2_with_one_and_two_vectors(script_run
             for i in range(count):
                 pixels = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(data_dir / split / name / f"{i}.jpg")
+    from semantic_aug.datasets import dataset_key
+
+    key = dataset_key("custom_coco", data_dir)  # not the default data: every file name carries its fingerprint
     single_thread = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     width = width_of("tiny-sd2")
     for num_vectors in (1, 2):
@@ -141,13 +144,13 @@ def test_the_whole_pipeline_runs_on_tiny_sd2_with_one_and_two_vectors(script_run
                       "--pretrained_model_name_or_path", "tiny-sd2", "--seeds", "0", "--examples-per-class", "1",
                       "--max_train_steps", "2", "--train_batch_size", "1", "--resolution", "32",
                       "--num_vectors", num_vectors, "--output_dir", out, cwd=tmp_path, env=single_thread, check=True)
-        saved = load_tokens(out / "fine-tuned" / "custom_coco-0-1" / "car" / "learned_embeds.bin")
+        saved = load_tokens(out / "fine-tuned" / f"{key}-0-1" / "car" / "learned_embeds.bin")
         assert saved["<car>"].shape == ((width,) if num_vectors == 1 else (num_vectors, width))
-        aggregate = script_runner("aggregate_embeddings.py", "--dataset", "custom_coco", "--seeds", "0",
-                                  "--examples-per-class", "1", "--input-path", out / "fine-tuned", "--output-dir",
+        aggregate = script_runner("aggregate_embeddings.py", "--dataset", "custom_coco", "--data-dir", data_dir,
+                                  "--seeds", "0", "--examples-per-class", "1", "--input-path", out / "fine-tuned", "--output-dir",
                                   out / "tokens", "--augment-embeddings", "True", cwd=tmp_path, check=True)
         assert "token embedding RMS" in aggregate.stderr
-        noisy_file = out / "tokens" / "custom_coco-tokens" / "noise" / "custom_coco-0-1.pt"
+        noisy_file = out / "tokens" / f"{key}-tokens" / "noise" / f"{key}-0-1.pt"
         noisy = load_tokens(noisy_file, CUSTOM_COCO_CLASSES, embedding_dim=width)
         assert noisy["<car_0.01>"].shape == saved["<car>"].shape
     script_runner(
@@ -158,9 +161,9 @@ def test_the_whole_pipeline_runs_on_tiny_sd2_with_one_and_two_vectors(script_run
         "--classifier-backbone", "efficientnet_lite0", "--image-size", "32", "--iterations-per-epoch", "2",
         "--num-epochs", "1", "--batch-size", "8", "--seeds", "0", "--examples-per-class", "1", "--num-workers", "1",
         cwd=tmp_path, env=single_thread, check=True)
-    base = tmp_path / "RESULTS" / "custom_coco_1epc" / "diagen"
+    base = tmp_path / "RESULTS" / f"{key}_1epc" / "diagen"
     import pandas as pd
 
     manifest = pd.read_csv(base / "synthetics_seed_0" / "manifest.csv")
     assert len(manifest) == 2 * len(CUSTOM_COCO_CLASSES) and manifest["filter_weight"].between(0, 1).all()
-    assert (base / "models" / "classifier_custom_coco_0_1_[0.5]_[7.5]_filter_noise.pth").is_file()
+    assert (base / "models" / f"classifier_{key}_0_1_[0.5]_[7.5]_filter_noise.pth").is_file()

@@ -458,6 +458,21 @@ def find_checkpoints(folder: Path) -> list[tuple[int, Path]]:
 # training
 
 
+@dataclass(frozen=True)
+class TrainingSpeed:
+    """How the frozen models run; none of it changes what is learned beyond float rounding.
+
+    Args:
+        gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% slower).
+        compile: run the UNet through `torch.compile`.
+        channels_last: store the UNet's conv weights channels-last (faster convolutions on tensor cores).
+    """
+
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    channels_last: bool = False
+
+
 class TextualInversionTrainer:
     """Learns class tokens for groups of classes with shared, frozen Stable Diffusion parts.
 
@@ -465,23 +480,21 @@ class TextualInversionTrainer:
         tokenizer, text_encoder, vae, unet, noise_scheduler: from `semantic_aug.core.stable_diffusion.load_sd_components`.
         config: the hyperparameters.
         accelerator: an `accelerate.Accelerator` (device, mixed precision, main process, trackers).
-        gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% slower).
-        compile: run the UNet through `torch.compile`.
-        channels_last: store the UNet's conv weights channels-last (faster convolutions on tensor cores).
+        speed: memory and speed options (`TrainingSpeed`; default: none).
         run_settings: extra values that identify a run in checkpoints (model, dataset, seed, ...).
         second_encoder: SDXL's (tokenizer_2, text_encoder_2); the tokens then get a trained vector in both.
     """
 
     def __init__(self, tokenizer, text_encoder, vae, unet, noise_scheduler, config: TextualInversionConfig,
-                 accelerator, gradient_checkpointing: bool = False, compile: bool = False,
-                 channels_last: bool = False, run_settings: dict | None = None, second_encoder: tuple | None = None):
+                 accelerator, speed: TrainingSpeed = TrainingSpeed(), run_settings: dict | None = None,
+                 second_encoder: tuple | None = None):
         self.tokenizer, self.text_encoder, self.vae, self.unet = tokenizer, text_encoder, vae, unet
         self.tokenizer_2, self.text_encoder_2 = second_encoder or (None, None)
         if self.text_encoder_2 is not None:  # frozen and fp32, as the first encoder
             self.text_encoder_2.requires_grad_(False)
             self.text_encoder_2.eval()
             self.text_encoder_2.to(accelerator.device, dtype=torch.float32)
-            if gradient_checkpointing:
+            if speed.gradient_checkpointing:
                 enable = getattr(self.text_encoder_2, "activation_checkpointing_enable", None)
                 (enable or self.text_encoder_2.gradient_checkpointing_enable)()
                 self.text_encoder_2.train()
@@ -489,8 +502,9 @@ class TextualInversionTrainer:
         self.accelerator = accelerator
         self.device = accelerator.device
         check_prediction_type(noise_scheduler)
-        self.weight_dtype = prepare_models(text_encoder, vae, unet, accelerator, gradient_checkpointing, channels_last)
-        self.unet_forward = torch.compile(unet) if compile else unet
+        self.weight_dtype = prepare_models(text_encoder, vae, unet, accelerator, speed.gradient_checkpointing,
+                                           speed.channels_last)
+        self.unet_forward = torch.compile(unet) if speed.compile else unet
         self.run_settings = dict(run_settings or {})
         self.micro_batch_size = 0  # auto mode settles on a size at the first step (see `TrainingGroup.backward`)
         self.configure(config)
