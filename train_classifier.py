@@ -296,57 +296,52 @@ def compile_generation(args: argparse.Namespace, device: torch.device) -> bool:
 
 
 def generate_synthetic(args: argparse.Namespace, run: Run, train_dataset, device: torch.device, accelerator):
-    """`--num-synthetic` images per real training image (cached in the run's synthetic folder); returns the manifest."""
+    """`--num-synthetic` images per real training image (cached in the run's synthetic folder); returns the
+    `SyntheticSet`. The diffusion model is loaded only if an image is missing: a complete set (or one a folder of
+    the same settings can fill by links) is planned and checked from the model's configs alone."""
     from semantic_aug.acceleration import Acceleration
     from semantic_aug.stages.synthetic import build_augmentation, generate_synthetic_images
 
-    acceleration = Acceleration(compile=compile_generation(args, device))
-    acceleration.configure_process(device)  # cuDNN autotuning on a GPU, for this process
-    augmentation = build_augmentation(
-        args.aug, model_path=args.model_path, embed_path=run.embed_path, dataset_name=args.dataset,
+    options = dict(
+        model_path=args.model_path, embed_path=run.embed_path, dataset_name=args.dataset,
         class_names=train_dataset.class_names, prompt=args.prompt, strength=args.strength,
         guidance_scale=args.guidance_scale, mask=args.mask, inverted=args.inverted, probs=args.probs,
         compose=args.compose, use_embedding_noise=args.use_embedding_noise,
-        use_generated_prompts=args.use_generated_prompts, prompt_path=args.prompt_path, device=device,
+        use_generated_prompts=args.use_generated_prompts, prompt_path=args.prompt_path,
         dtype=generation_dtype(args.generation_dtype, device), erasure_ckpt_path=args.erasure_ckpt_path,
-        num_inference_steps=args.num_inference_steps, acceleration=acceleration)
-    manifest = generate_synthetic_images(train_dataset, augmentation, args.num_synthetic, run.layout.synthetic_dir,
-                                         run.seed,
-                                         batch_size=args.generation_batch_size, accelerator=accelerator,
-                                         overwrite=args.overwrite_synthetic,
-                                         shared_dirs=sibling_synthetic_dirs(args, run))
-    del augmentation  # the diffusion model leaves the GPU before the classifier trains
+        num_inference_steps=args.num_inference_steps)
+
+    def generator():
+        acceleration = Acceleration(compile=compile_generation(args, device))
+        acceleration.configure_process(device)  # cuDNN autotuning on a GPU, for this process
+        return build_augmentation(args.aug, device=device, acceleration=acceleration, **options)
+
+    synthetic_set = generate_synthetic_images(
+        train_dataset, build_augmentation(args.aug, load_weights=False, **options), args.num_synthetic,
+        run.layout.synthetic_dir, run.seed, batch_size=args.generation_batch_size, accelerator=accelerator,
+        overwrite=args.overwrite_synthetic, shared_dirs=sibling_synthetic_dirs(args, run), generator=generator)
     if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return manifest
+        torch.cuda.empty_cache()  # the diffusion model has left the GPU before the classifier trains
+    return synthetic_set
 
 
-def attach_synthetic_images(args: argparse.Namespace, run: Run, train_dataset, manifest, device: torch.device):
-    """Give the training split its synthetic siblings, weighted by DIAGen's filter if asked (the filter's one hook).
+def attach_synthetic_images(args: argparse.Namespace, run: Run, train_dataset, synthetic_set, device: torch.device):
+    """Give the training split its synthetic set, weighted by DIAGen's filter if asked (the filter's one hook)."""
+    if args.synthetic_filter:
+        from semantic_aug.stages.filter_training import train_filter
+        from semantic_aug.stages.filtering import filter_mode_weights, filter_scores, load_filter
 
-    Returns:
-        Per-image loss weights for `fit` (filter mode `loss`), else None.
-    """
-    from semantic_aug.stages.synthetic import synthetic_images_from_manifest
-
-    if not args.synthetic_filter:
-        train_dataset.set_synthetic_images(synthetic_images_from_manifest(manifest))
-        return None
-    from semantic_aug.stages.filtering import add_filter_weights, apply_filter_mode, load_filter, train_filter
-
-    if args.synthetic_filter == "train":  # trained like the classifier, on the same real images (kept if it exists)
-        train_filter(args.dataset, run.seed, run.examples_per_class, data_dir=args.data_dir,
-                     backbone=args.filter_backbone, models_root=run.layout.models_root, logdir=run.layout.logdir,
-                     iterations_per_epoch=args.iterations_per_epoch, max_epochs=args.num_epochs,
-                     batch_size=args.batch_size, image_size=args.image_size, bad_images=args.bad_images,
-                     train_pool_size=args.train_pool_size, device=device)
-    filter_model = load_filter(run.layout.filter, device)
-    manifest = add_filter_weights(manifest, filter_model, train_dataset, seed=run.seed, device=device,
-                                  manifest_path=run.layout.manifest)
-    synthetic_images, sibling_weights, loss_weights = apply_filter_mode(manifest, args.filter_mode,
-                                                                        args.filter_threshold)
-    train_dataset.set_synthetic_images(synthetic_images, sibling_weights)
-    return loss_weights
+        if args.synthetic_filter == "train":  # trained like the classifier, on the same real images (kept if it exists)
+            train_filter(args.dataset, run.seed, run.examples_per_class, data_dir=args.data_dir,
+                         backbone=args.filter_backbone, models_root=run.layout.models_root, logdir=run.layout.logdir,
+                         iterations_per_epoch=args.iterations_per_epoch, max_epochs=args.num_epochs,
+                         batch_size=args.batch_size, image_size=args.image_size, bad_images=args.bad_images,
+                         train_pool_size=args.train_pool_size, device=device)
+        filter_model = load_filter(run.layout.filter, device)
+        scores = filter_scores(filter_model, synthetic_set.manifest, train_dataset, seed=run.seed, device=device)
+        synthetic_set = synthetic_set.with_filter_scores(scores).with_filter_weights(
+            filter_mode_weights(scores, synthetic_set.manifest["real_idx"], args.filter_mode, args.filter_threshold))
+    train_dataset.set_synthetic_images(synthetic_set)
 
 
 def data_dir_of(dataset, args: argparse.Namespace) -> str | None:
@@ -355,12 +350,12 @@ def data_dir_of(dataset, args: argparse.Namespace) -> str | None:
     return str(Path(folder).resolve()) if folder else None
 
 
-def train(args: argparse.Namespace, run: Run, model, train_dataset, val_dataset, loss_weights, device: torch.device):
+def train(args: argparse.Namespace, run: Run, model, train_dataset, val_dataset, device: torch.device):
     """Fit the classifier (best epoch kept), write the results CSV and, with --save_model, the model."""
     result = fit(model, train_dataset, val_dataset, num_epochs=args.num_epochs,
                  iterations_per_epoch=args.iterations_per_epoch, batch_size=args.batch_size, device=device,
-                 generator=torch.Generator().manual_seed(run.seed), sample_loss_weights=loss_weights,
-                 use_cutmix=args.use_cutmix, num_workers=args.num_workers)
+                 generator=torch.Generator().manual_seed(run.seed), use_cutmix=args.use_cutmix,
+                 num_workers=args.num_workers)
     logger.info("%s: best epoch %d, mean per-class validation accuracy %.2f%%", run.name, result.best_epoch,
                 100 * result.best_value)
     atomic_write_csv(result.history, run.layout.results_csv)
@@ -407,11 +402,11 @@ def main(args: argparse.Namespace) -> None:
     check_run_inputs(args, [run for run, must_train, _ in runs if must_train])
 
     # 1. synthetic images for every run first, so that processes never wait on another's training
-    manifests = {}
+    synthetic_sets = {}
     if args.num_synthetic > 0:
         for run, must_train, _ in runs:
             if must_train:  # generation draws from generators seeded per image (`stable_seed`)
-                manifests[run.seed, run.examples_per_class] = generate_synthetic(
+                synthetic_sets[run.seed, run.examples_per_class] = generate_synthetic(
                     args, run, load_split(args, run, "train"), device, accelerator if distributed else None)
     if not accelerator.is_main_process:
         return
@@ -425,11 +420,10 @@ def main(args: argparse.Namespace) -> None:
                 train_dataset, val_dataset = load_split(args, run, "train"), load_split(args, run, "val")
                 model = FewShotClassifier(args.classifier_backbone, train_dataset.num_classes,
                                           finetune_backbone=args.finetune_backbone)
-                loss_weights = None
                 if args.num_synthetic > 0:
-                    loss_weights = attach_synthetic_images(args, run, train_dataset,
-                                                           manifests[run.seed, run.examples_per_class], device)
-                train(args, run, model, train_dataset, val_dataset, loss_weights, device)
+                    attach_synthetic_images(args, run, train_dataset, synthetic_sets[run.seed, run.examples_per_class],
+                                            device)
+                train(args, run, model, train_dataset, val_dataset, device)
                 missing_splits = args.eval_on_test_set
             else:
                 logger.info("%s: already trained; evaluating the saved model on %s", run.name,

@@ -21,7 +21,8 @@ import logging
 
 from semantic_aug.core.classifiers import list_backbones
 from semantic_aug.datasets import add_dataset_arguments, check_dataset_arguments
-from semantic_aug.stages.filtering import FILTER_BACKBONE, TEMPERATURE_ITERATIONS, TEMPERATURE_LR, train_filter
+from semantic_aug.stages.filter_training import train_filter
+from semantic_aug.stages.filtering import FILTER_BACKBONE, TEMPERATURE_ITERATIONS, TEMPERATURE_LR
 from semantic_aug.core.utils import HelpFormatter, check_flag_minimum, run_cli
 
 logger = logging.getLogger("train_filter")

@@ -33,6 +33,7 @@ from PIL import Image
 from semantic_aug.core.classifiers import FewShotClassifier, list_backbones
 from semantic_aug.datasets.few_shot_dataset import FolderFewShotDataset
 from semantic_aug.stages.training import autocast, default_num_workers, fit, to_model_layout
+from semantic_aug.stages.synthetic import SyntheticSet
 from semantic_aug.core.utils import pick_device, run_cli
 
 MODES = ("probe", "finetune")
@@ -91,7 +92,7 @@ def make_datasets(root: Path, args: argparse.Namespace):
     paths = [path for siblings in synthetic.values() for path in siblings]
     with ThreadPoolExecutor(args.num_workers) as pool:
         list(pool.map(write_image, paths, range(len(real), len(real) + len(paths)), [size] * len(paths)))
-    train.set_synthetic_images(synthetic)
+    train.set_synthetic_images(SyntheticSet.from_siblings(synthetic))
     return train, val, len(paths)
 
 

@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -15,6 +16,7 @@ from semantic_aug.datasets.custom_coco import CUSTOM_COCO_CLASSES, CustomCOCO
 from semantic_aug.datasets.focus import FOCUS
 from semantic_aug.datasets.few_shot_dataset import FolderFewShotDataset, class_balanced_sampler
 from semantic_aug.core.utils import UserError
+from semantic_aug.stages.synthetic import SyntheticSet
 
 
 def write_folder_dataset(root: Path, classes, per_class: int, split="train-val", ext=".jpg", size=(40, 30)):
@@ -139,7 +141,9 @@ def test_synthetic_probability_mixes_siblings(tmp_path):
     Image.new("RGB", (50, 50), (255, 0, 0)).save(red)
     blue = tmp_path / "blue.png"
     Image.new("RGB", (50, 50), (0, 0, 255)).save(blue)
-    dataset.set_synthetic_images({0: [str(red), str(blue)]}, filter_weights={0: [1.0, 0.0]})
+    siblings = SyntheticSet.from_siblings({0: [str(red), str(blue)]})
+    dataset.set_synthetic_images(siblings.with_filter_weights(
+        pd.DataFrame({"kept": [True, True], "probability": [1.0, 0.0], "loss_weight": [1.0, 1.0]})))
     torch.manual_seed(0)
     for _ in range(5):  # weight 0 for blue: always red
         image, label = dataset[0]
@@ -147,9 +151,12 @@ def test_synthetic_probability_mixes_siblings(tmp_path):
     dataset.synthetic_probability = 0.0
     real, _ = dataset[0]
     assert not (real[0].mean() > 0.9 and real[2].mean() < 0.1)
-    # all-zero weights fall back to a uniform choice
-    dataset.set_synthetic_images({0: [str(red), str(blue)]}, filter_weights={0: [0.0, 0.0]})
-    assert np.allclose(dataset.synthetic_weights[0], [0.5, 0.5])
+    # without weights the choice is uniform: both siblings appear
+    dataset.synthetic_probability = 1.0
+    dataset.set_synthetic_images(siblings)
+    assert {dataset.choose_synthetic(0, u) for u in (0.1, 0.9)} == {str(red), str(blue)}
+    dataset.set_synthetic_images(None)
+    assert dataset.choose_synthetic(0, 0.5) is None
 
 
 def test_class_balanced_sampler_balances_classes():

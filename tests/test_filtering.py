@@ -11,10 +11,11 @@ from PIL import Image
 
 from semantic_aug.core.classifiers import FewShotClassifier
 from semantic_aug.datasets.custom_coco import CustomCOCO
-from semantic_aug.stages.filtering import (FILTER_CONFIDENCE_THRESHOLD, FilterModel, add_filter_weights, apply_filter_mode,
-                                    calibration_metrics, expected_calibration_error, filter_weights,
-                                    fit_temperature, load_filter, normalise_sibling_weights, save_filter,
-                                    score_synthetic_images, scoring_transform)
+from semantic_aug.stages.filtering import (FILTER_CONFIDENCE_THRESHOLD, FilterModel, calibration_metrics,
+                                           expected_calibration_error, filter_mode_weights, filter_scores,
+                                           filter_weights, fit_temperature, load_filter, normalise_sibling_weights,
+                                           save_filter, score_synthetic_images, scoring_transform)
+from semantic_aug.stages.synthetic import SyntheticSet
 from semantic_aug.core.layout import RunLayout
 from semantic_aug.datasets import dataset_key
 from semantic_aug.core.utils import UserError
@@ -116,7 +117,10 @@ def test_all_bad_siblings_keep_a_valid_distribution():
     np.testing.assert_allclose(probabilities, [1 / 3, 1 / 3, 1 / 3, 1.0])
     # and the dataset's sibling sampler accepts it and can reach every sibling
     dataset = CustomCOCO(split="train", examples_per_class=1, seed=0)
-    dataset.set_synthetic_images({0: ["a.png", "b.png", "c.png"]}, {0: probabilities[:3]})
+    scores = pd.DataFrame({"confidence": [0.0, 0.0, 0.0], "filter_weight": filter_weights([0.0, 0.0, 0.0])})
+    dataset.set_synthetic_images(SyntheticSet.from_siblings({0: ["a.png", "b.png", "c.png"]}).with_filter_weights(
+        filter_mode_weights(scores, [0, 0, 0], "sampling")))
+    np.testing.assert_allclose(dataset.synthetic_images[0].probabilities, [1 / 3, 1 / 3, 1 / 3])
     chosen = {dataset.choose_synthetic(0, u) for u in np.linspace(0, 0.999, 30)}
     assert chosen == {"a.png", "b.png", "c.png"}
 
@@ -187,29 +191,29 @@ def test_scores_repeat_whatever_the_order_and_batch_size(tmp_path):
     assert not np.allclose(other_seed, scores)  # the views are random, and seeded
 
 
-def test_add_filter_weights_stores_scores_and_does_not_rescore(tmp_path):
+def test_scores_are_stored_in_the_manifest_and_not_recomputed(tmp_path):
     paths = write_images(tmp_path / "synthetic", 6)
     manifest = pd.DataFrame({"real_idx": [0, 0, 1, 1, 2, 2], "synthetic_idx": [0, 1] * 3, "label": [0, 0, 1, 1, 2, 2],
                              "path": [str(p) for p in paths]})
+    synthetic_set = SyntheticSet(tmp_path / "synthetic", manifest)
     model = random_filter(temperature=0.05)  # a sharp filter, so the weights spread over [0, 1]
-    manifest_path = tmp_path / "synthetic" / "manifest.csv"
-    scored = add_filter_weights(manifest, model, small_dataset(), num_views=2, manifest_path=manifest_path,
-                                progress=False)
-    assert {"confidence", "filter_weight", "filter_id"} <= set(scored.columns)
-    np.testing.assert_allclose(scored["filter_weight"], filter_weights(scored["confidence"]))
-    assert np.ptp(scored["filter_weight"]) > 0
-    on_disk = pd.read_csv(manifest_path)
-    np.testing.assert_allclose(on_disk["confidence"], scored["confidence"])
-    # the manifest is the cache: with the images gone, a rerun must not try to read them, whether it gets the
-    # scored manifest or a fresh unscored one (the generator's) together with the scored file
+    scores = filter_scores(model, manifest, small_dataset(), num_views=2, progress=False)
+    assert list(scores.columns) == ["confidence", "filter_weight", "filter_id"] and len(scores) == len(manifest)
+    np.testing.assert_allclose(scores["filter_weight"], filter_weights(scores["confidence"]))
+    assert np.ptp(scores["filter_weight"]) > 0 and set(scores["filter_id"]) == {model.filter_id}
+    scored = synthetic_set.with_filter_scores(scores)
+    on_disk = SyntheticSet.load(tmp_path / "synthetic").manifest  # the set writes its manifest: the scores' cache
+    assert list(on_disk.columns) == [*manifest.columns, "confidence", "filter_weight", "filter_id"]
+    np.testing.assert_allclose(on_disk["confidence"], scores["confidence"])
+    assert on_disk.astype(str).equals(scored.manifest.astype(str))
+    # with the images gone, a rerun on the stored manifest must not try to read them
     for path in paths:
         path.unlink()
-    for given in (on_disk, manifest):
-        again = add_filter_weights(given, model, small_dataset(), manifest_path=manifest_path, progress=False)
-        np.testing.assert_allclose(again["confidence"], scored["confidence"])
+    again = filter_scores(model, on_disk, small_dataset(), progress=False)
+    np.testing.assert_allclose(again["confidence"], scores["confidence"])
     # a different filter's scores are not reused
     with pytest.raises(UserError, match="image file not found"):
-        add_filter_weights(on_disk, random_filter(seed=1), small_dataset(), progress=False)
+        filter_scores(random_filter(seed=1), on_disk, small_dataset(), progress=False)
 
 
 def scored_manifest():
@@ -221,31 +225,39 @@ def scored_manifest():
     }).assign(filter_weight=lambda frame: filter_weights(frame["confidence"]))
 
 
+def weighted_siblings(manifest, mode, **options):
+    """The siblings training sees after the filter's weights for `mode` went into the synthetic set."""
+    weights = filter_mode_weights(manifest, manifest["real_idx"], mode, **options)
+    return SyntheticSet(Path("."), manifest).with_filter_weights(weights).siblings()
+
+
 def test_filter_mode_sampling_is_the_paper():
-    images, sibling_weights, loss_weights = apply_filter_mode(scored_manifest(), "sampling")
-    assert images == {0: ["a0.png", "a1.png", "a2.png"], 1: ["b0.png", "b1.png"]}  # ordered by synthetic_idx
-    np.testing.assert_allclose(sibling_weights[0], [1.0 / 1.2, 0.2 / 1.2, 0.0])
-    np.testing.assert_allclose(sibling_weights[1], [0.4, 0.6])
-    assert loss_weights is None
+    siblings = weighted_siblings(scored_manifest(), "sampling")
+    assert {idx: s.paths for idx, s in siblings.items()} == {0: ["a0.png", "a1.png", "a2.png"],
+                                                            1: ["b0.png", "b1.png"]}  # ordered by synthetic_idx
+    np.testing.assert_allclose(siblings[0].probabilities, [1.0 / 1.2, 0.2 / 1.2, 0.0])
+    np.testing.assert_allclose(siblings[1].probabilities, [0.4, 0.6])
+    assert all((s.loss_weights == 1).all() for s in siblings.values())
 
 
 def test_filter_mode_loss_weights_the_loss_and_samples_uniformly():
-    images, sibling_weights, loss_weights = apply_filter_mode(scored_manifest(), "loss")
-    assert sibling_weights is None and images == {0: ["a0.png", "a1.png", "a2.png"], 1: ["b0.png", "b1.png"]}
-    assert loss_weights == pytest.approx({"a0.png": 1.0, "a1.png": 0.2, "a2.png": 0.0, "b0.png": 0.4, "b1.png": 0.6})
+    siblings = weighted_siblings(scored_manifest(), "loss")
+    assert {idx: s.paths for idx, s in siblings.items()} == {0: ["a0.png", "a1.png", "a2.png"], 1: ["b0.png", "b1.png"]}
+    assert all(s.probabilities is None for s in siblings.values())
+    np.testing.assert_allclose(siblings[0].loss_weights, [1.0, 0.2, 0.0])
+    np.testing.assert_allclose(siblings[1].loss_weights, [0.4, 0.6])
 
 
 def test_filter_mode_threshold_drops_low_confidence_images():
-    images, sibling_weights, loss_weights = apply_filter_mode(scored_manifest(), "threshold", threshold=0.25)
-    assert images == {0: ["a0.png"], 1: ["b1.png"]}
-    assert sibling_weights is None and loss_weights is None
-    images, _, _ = apply_filter_mode(scored_manifest(), "threshold", threshold=0.95)
-    assert images == {}  # every real image is then shown as itself
+    siblings = weighted_siblings(scored_manifest(), "threshold", threshold=0.25)
+    assert {idx: s.paths for idx, s in siblings.items()} == {0: ["a0.png"], 1: ["b1.png"]}
+    assert all(s.probabilities is None and (s.loss_weights == 1).all() for s in siblings.values())
+    assert weighted_siblings(scored_manifest(), "threshold", threshold=0.95) == {}  # each real image shown as itself
 
 
 def test_filter_modes_reach_the_training_draws(tmp_path):
-    """The modes' outputs plug into the shared training loop: sampling never picks a zero-weight sibling,
-    loss mode hands each synthetic draw its weight."""
+    """The modes' weights reach the shared training loop through the set: sampling never picks a zero-weight
+    sibling, loss mode hands each synthetic draw its weight."""
     from semantic_aug.stages.training import TrainingData
 
     paths = write_images(tmp_path, 5)
@@ -253,31 +265,34 @@ def test_filter_modes_reach_the_training_draws(tmp_path):
     dataset = CustomCOCO(split="train", examples_per_class=1, seed=0, image_size=32, synthetic_probability=1.0)
     generator = torch.Generator().manual_seed(0)
 
-    images, sibling_weights, _ = apply_filter_mode(manifest, "sampling")
-    dataset.set_synthetic_images(images, sibling_weights)
+    def attach(mode):
+        weights = filter_mode_weights(manifest, manifest["real_idx"], mode)
+        dataset.set_synthetic_images(SyntheticSet(tmp_path, manifest).with_filter_weights(weights))
+        return dataset.synthetic_images[0].paths + dataset.synthetic_images[1].paths
+
+    ordered = attach("sampling")
     data = TrainingData(dataset, "cpu")
     draws = data.draw_epoch(dataset.num_classes * 200, 16, generator)
-    picked = [str(p) for p in np.asarray(images[0] + images[1])[draws.cache_index[draws.synthetic] - len(dataset)]]
-    counts = {path: picked.count(path) for path in images[0]}
-    a0, a1, a2 = images[0]  # confidences 0.9, 0.1 and 0.0: weights 1, 0.2 and 0
+    picked = [str(p) for p in np.asarray(ordered)[draws.cache_index[draws.synthetic] - len(dataset)]]
+    a0, a1, a2 = ordered[:3]  # confidences 0.9, 0.1 and 0.0: weights 1, 0.2 and 0
+    counts = {path: picked.count(path) for path in (a0, a1, a2)}
     assert counts[a2] == 0 and counts[a0] > 2 * counts[a1] > 0
 
-    images, _, loss_weights = apply_filter_mode(manifest, "loss")
-    dataset.set_synthetic_images(images)
-    draws = TrainingData(dataset, "cpu", sample_loss_weights=loss_weights).draw_epoch(dataset.num_classes * 50, 16,
-                                                                                     generator)
+    ordered = attach("loss")
+    draws = TrainingData(dataset, "cpu").draw_epoch(dataset.num_classes * 50, 16, generator)
     rows = draws.cache_index[draws.synthetic] - len(dataset)
-    expected = [loss_weights[p] for p in np.asarray(images[0] + images[1])[rows]]
+    weight_of = dict(zip(manifest["path"], manifest["filter_weight"]))
+    expected = [weight_of[p] for p in np.asarray(ordered)[rows]]
     assert len(set(expected)) > 2
     np.testing.assert_allclose(draws.loss_weights[draws.synthetic].numpy(), expected)
     assert (draws.loss_weights[~draws.synthetic] == 1).all()
 
 
-def test_filter_mode_rejects_unscored_manifests_and_unknown_modes():
+def test_filter_mode_rejects_unscored_sets_and_unknown_modes():
     with pytest.raises(UserError, match="not been scored"):
-        apply_filter_mode(scored_manifest().drop(columns=["confidence"]))
+        filter_mode_weights(scored_manifest().drop(columns=["confidence"]), [0, 0, 0, 1, 1])
     with pytest.raises(UserError, match="unknown filter mode"):
-        apply_filter_mode(scored_manifest(), "soft")
+        filter_mode_weights(scored_manifest(), [0, 0, 0, 1, 1], "soft")
 
 
 def test_synthetic_filter_use_without_a_saved_filter_is_a_one_line_error(script_runner, tmp_path):
@@ -415,9 +430,8 @@ def test_filter_gives_tiny_sd_noise_lower_weights_than_held_out_real_images(trai
     filter_model = load_filter(check_layout(work).filter, "cpu")
     val = create_dataset(CHECK_DATASET, split="val", seed=0, data_dir=work / "data", image_size=CHECK_IMAGE_SIZE)
 
-    manifest = add_filter_weights(make_noise(), filter_model, train, seed=0,
-                                  manifest_path=work / "synthetic" / "manifest.csv", progress=False)
-    noise_weights = manifest["filter_weight"].to_numpy()
+    noise = make_noise()
+    noise_weights = filter_scores(filter_model, noise.manifest, train, seed=0, progress=False)["filter_weight"].to_numpy()
     # held-out real images of the same classes, scored the same way: the first few validation images of each class
     held_out = [i for i, label in enumerate(val.labels) if (val.labels[:i] == label).sum() < CHECK_REAL_PER_CLASS]
     real_weights = filter_weights(score_synthetic_images(filter_model, [val.image_paths[i] for i in held_out],
@@ -435,10 +449,11 @@ def test_a_rerun_reuses_the_scores_in_the_manifest(trained_filter, noise_generat
     _, _, work = trained_filter
     make_noise, train = noise_generator
     filter_model = load_filter(check_layout(work).filter, "cpu")
-    manifest_path = work / "synthetic" / "manifest.csv"
-    first = add_filter_weights(make_noise(), filter_model, train, seed=0, manifest_path=manifest_path, progress=False)
+    noise = make_noise()
+    first = filter_scores(filter_model, noise.manifest, train, seed=0, progress=False)
+    noise.with_filter_scores(first)
     with caplog.at_level("INFO", logger="semantic_aug.stages.filtering"):  # a rerun: the generator reuses its images
-        again = add_filter_weights(make_noise(), filter_model, train, seed=0, manifest_path=manifest_path,
-                                   progress=False)
-    np.testing.assert_allclose(again["confidence"], first["confidence"])
+        again = make_noise()  # and returns the stored manifest, scores included
+        rescored = filter_scores(filter_model, again.manifest, train, seed=0, progress=False)
+    np.testing.assert_allclose(rescored["confidence"], first["confidence"])
     assert "scoring" not in caplog.text

@@ -19,8 +19,8 @@ from conftest import accelerate_launch
 from semantic_aug.core.embeddings import embedding_noise, save_tokens, token_name
 from semantic_aug.datasets.few_shot_dataset import FolderFewShotDataset
 from semantic_aug.stages.prompts import write_prompt_csv
-from semantic_aug.stages.synthetic import (MANIFEST_COLUMNS, build_augmentation, generate_synthetic_images,
-                                    synthetic_images_from_manifest)
+from semantic_aug.stages.synthetic import (MANIFEST_COLUMNS, SyntheticSet, build_augmentation, cache_settings,
+                                           generate_synthetic_images, plan_synthetic_images)
 from semantic_aug.core.utils import UserError
 
 CLASSES = ("car", "carrot", "cell_phone")  # `car` is a prefix of `carrot`: token names must match exactly
@@ -77,9 +77,9 @@ def dataset(toy):
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory, dataset, augmentation):
     folder = tmp_path_factory.mktemp("run") / "synthetics"
-    manifest = generate_synthetic_images(dataset, augmentation, NUM_SYNTHETIC, folder, seed=0, batch_size=4,
-                                         progress=False)
-    return folder, manifest
+    synthetic_set = generate_synthetic_images(dataset, augmentation, NUM_SYNTHETIC, folder, seed=0, batch_size=4,
+                                              progress=False)
+    return folder, synthetic_set.manifest
 
 
 def pixels(path) -> np.ndarray:
@@ -103,9 +103,11 @@ def test_num_synthetic_images_per_real_image_with_a_complete_manifest(first_run,
     assert list(manifest.columns) == MANIFEST_COLUMNS and len(manifest) == len(expected)
     on_disk = pd.read_csv(folder / "manifest.csv", keep_default_na=False)
     assert on_disk.astype(str).equals(manifest.astype(str))
-    siblings = synthetic_images_from_manifest(folder / "manifest.csv")
+    siblings = SyntheticSet.load(folder).siblings()
     assert sorted(siblings) == list(range(len(dataset)))
-    for idx, paths in siblings.items():
+    for idx, images in siblings.items():
+        paths = images.paths
+        assert images.probabilities is None and images.loss_weights is None  # no filter: uniform, unweighted
         label = dataset.labels[idx]
         assert [Path(p).name for p in paths] == [f"label_{label}-{idx}-{n}.png" for n in range(NUM_SYNTHETIC)]
         real_size = dataset.get_image_by_idx(idx).size
@@ -128,7 +130,7 @@ def test_rerun_reuses_the_cache(first_run, dataset, augmentation, monkeypatch):
     monkeypatch.setattr(augmentation.sampler, "img2img", no_generation)
     again = generate_synthetic_images(dataset, augmentation, NUM_SYNTHETIC, folder, seed=0, batch_size=4,
                                       progress=False)
-    assert again.equals(manifest)
+    assert again.manifest.equals(manifest)
     assert mtimes(folder) | {"manifest.csv": (folder / "manifest.csv").stat().st_mtime_ns} == before
 
 
@@ -142,7 +144,7 @@ def test_interrupted_run_resumes_to_the_same_images(first_run, dataset, augmenta
     (folder / ".label_0-0-0.png.x1y2.png.tmp").write_bytes(b"half a png")  # an atomic write cut short
     kept = {name: mtime for name, mtime in mtimes(folder).items()}
     manifest = generate_synthetic_images(dataset, augmentation, NUM_SYNTHETIC, folder, seed=0, batch_size=4,
-                                         progress=False)
+                                         progress=False).manifest
     assert not list(folder.glob("*.tmp"))
     assert {p.name for p in folder.glob("*.png")} == {p.name for p in first_run[0].glob("*.png")}
     assert {name: mtime for name, mtime in mtimes(folder).items() if name in kept} == kept  # only the lost were made
@@ -183,8 +185,46 @@ def test_same_images_at_batch_sizes_1_and_4(first_run, dataset, augmentation, tm
 
 
 def test_no_synthetic_images_makes_nothing(dataset, augmentation, tmp_path):
-    manifest = generate_synthetic_images(dataset, augmentation, 0, tmp_path / "none", seed=0, progress=False)
+    manifest = generate_synthetic_images(dataset, augmentation, 0, tmp_path / "none", seed=0, progress=False).manifest
     assert len(manifest) == 0 and list(manifest.columns) == MANIFEST_COLUMNS and not (tmp_path / "none").exists()
+
+
+def test_the_weightless_augmentation_plans_the_same_set(dataset, augmentation, toy):
+    """Built from the model's configs alone, the augmentation gives the fingerprint and the plan of the loaded one."""
+    planner = build(toy, load_weights=False)
+    assert all(p.device.type == "meta" for p in planner.sampler.unet.parameters())  # no weight was read
+    assert cache_settings(dataset, planner, NUM_SYNTHETIC, 0) == cache_settings(dataset, augmentation, NUM_SYNTHETIC, 0)
+    planned, choices = plan_synthetic_images(dataset, planner, NUM_SYNTHETIC, "folder", 0)
+    loaded, loaded_choices = plan_synthetic_images(dataset, augmentation, NUM_SYNTHETIC, "folder", 0)
+    assert planned.equals(loaded) and choices == loaded_choices
+    for dtype in (torch.bfloat16,):  # the text encoder's config records the dtype, and so does the fingerprint
+        assert (build(toy, load_weights=False, dtype=dtype).sampler.settings() ==
+                build(toy, dtype=dtype).sampler.settings())
+
+
+def no_model():
+    raise AssertionError("the diffusion model was loaded")
+
+
+def test_a_complete_set_is_reused_without_loading_the_model(first_run, dataset, toy):
+    folder, manifest = first_run
+    again = generate_synthetic_images(dataset, build(toy, load_weights=False), NUM_SYNTHETIC, folder, seed=0,
+                                      progress=False, generator=no_model)
+    assert again.manifest.equals(manifest)
+    assert again.fingerprint == json.loads((folder / "settings.json").read_text())["fingerprint"]
+
+
+def test_a_set_linked_from_a_folder_of_the_same_settings_loads_no_model(first_run, dataset, toy, tmp_path):
+    folder, manifest = first_run
+    linked = generate_synthetic_images(dataset, build(toy, load_weights=False), NUM_SYNTHETIC, tmp_path / "other",
+                                       seed=0, progress=False, shared_dirs=[folder], generator=no_model)
+    assert linked.manifest.drop(columns="path").equals(manifest.drop(columns="path"))
+    for path in folder.glob("*.png"):
+        assert (tmp_path / "other" / path.name).read_bytes() == path.read_bytes()
+    (tmp_path / "other" / path.name).unlink()  # one image that no folder holds: now the model is needed
+    with pytest.raises(AssertionError, match="was loaded"):
+        generate_synthetic_images(dataset, build(toy, load_weights=False), NUM_SYNTHETIC, tmp_path / "other", seed=0,
+                                  progress=False, generator=no_model)
 
 
 @pytest.mark.parametrize("overrides, message", [

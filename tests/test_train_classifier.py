@@ -82,6 +82,35 @@ def test_baseline_writes_spec_outputs_and_resumes(script_runner, data_dir, tmp_p
     pd.testing.assert_frame_equal(pd.read_csv(test), table)
 
 
+def test_a_rerun_on_a_complete_synthetic_set_loads_no_diffusion_model(script, data_dir, tmp_path, monkeypatch):
+    """Once the set is complete on disk, a run finds it from the model's configs alone, to the same results."""
+    from semantic_aug.stages.augmentations.sampler import DiffusionSampler
+
+    monkeypatch.chdir(tmp_path)
+    generator = torch.Generator().manual_seed(0)
+    save_tokens({token_name(name): torch.randn(32, generator=generator) for name in CUSTOM_COCO_CLASSES},
+                tmp_path / "tokens.pt")
+    arguments = [*QUICK, "--device", "cpu", "--data-dir", str(data_dir), "--method", "da_fusion", "--model-path",
+                 "tiny", "--embed-path", "tokens.pt", "--num-synthetic", "2", "--num-inference-steps", "2",
+                 "--strength", "0.5", "--guidance-scale", "7.5", "--synthetic-probability", "1"]
+    script.main(script.parse_args(arguments))
+    results, _, model = run_paths(tmp_path, "da_fusion", "classifier_custom_coco_0_1_[0.5]_[7.5].pth")
+    synthetic_dir = tmp_path / "RESULTS" / "custom_coco_1epc" / "da_fusion" / "synthetics_seed_0"
+    first = {path: path.read_bytes() for path in (results, synthetic_dir / "manifest.csv")}
+    first_state = load_classifier(model).state_dict()
+    results.unlink()
+    model.unlink()
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the diffusion pipeline was loaded for a complete synthetic set")
+
+    monkeypatch.setattr(DiffusionSampler, "from_pretrained", no_model)
+    script.main(script.parse_args(arguments))
+    assert {path: path.read_bytes() for path in first} == first  # the same history, the same manifest
+    again = load_classifier(model).state_dict()
+    assert all(torch.equal(again[name], tensor) for name, tensor in first_state.items())
+
+
 def test_textual_inversion_with_filter(script_runner, data_dir, tmp_path):
     generator = torch.Generator().manual_seed(0)
     tokens = tmp_path / "tokens.pt"
@@ -211,6 +240,7 @@ def test_methods_with_identical_generation_settings_share_one_set(script_runner,
     assert len(first) == len(CUSTOM_COCO_CLASSES) and first.keys() == second.keys()
     assert all(first[name].stat().st_ino == second[name].stat().st_ino for name in first)  # links, not copies
     assert f"{len(CUSTOM_COCO_CLASSES)} linked from" in shared.stderr
+    assert "augmentation for custom_coco" not in shared.stderr  # nothing to make: the diffusion model is not loaded
 
     other = script_runner("train_classifier.py", *generation, "--method", "other_guidance", "--guidance-scale", "5",
                           cwd=tmp_path, env=SINGLE_THREAD, check=True)

@@ -17,6 +17,7 @@ from semantic_aug.stages.training import (CACHE_SCALE, RESULTS_COLUMNS, TEST_COL
                                    cache_dataset, evaluate, fit, load_classifier, make_optimizer,
                                    sample_crop_boxes, save_classifier, warp_images)
 from semantic_aug.core.utils import UserError
+from semantic_aug.stages.synthetic import SyntheticSet
 
 IMAGE_SIZE = 16
 COLOURS = {"red": (230, 20, 20), "blue": (20, 20, 230), "green": (20, 230, 20)}
@@ -203,7 +204,7 @@ def attach_siblings(tmp_path, dataset, colour="green", per_image=2, exist=True):
         folder = tmp_path / "synthetic" / str(idx)
         siblings[idx] = (write_images(folder, COLOURS[colour], per_image, seed=100 + idx) if exist
                          else [folder / f"missing{i}.png" for i in range(per_image)])
-    dataset.set_synthetic_images(siblings)
+    dataset.set_synthetic_images(SyntheticSet.from_siblings(siblings))
     return siblings
 
 
@@ -234,13 +235,14 @@ def test_probability_one_always_shows_a_synthetic_image(colours, tmp_path):
 def test_half_probability_and_filter_sibling_probabilities(colours, tmp_path):
     train = Colours(data_dir=colours, examples_per_class=2, image_size=IMAGE_SIZE, synthetic_probability=0.5)
     siblings = attach_siblings(tmp_path, train)
-    train.set_synthetic_images(siblings, {idx: [1.0, 3.0] for idx in siblings})  # the filter's weights
+    weights = pd.DataFrame({"kept": True, "probability": [0.25, 0.75] * len(siblings), "loss_weight": 1.0})
+    train.set_synthetic_images(SyntheticSet.from_siblings(siblings).with_filter_weights(weights))  # the filter's
     data = TrainingData(train, "cpu")
     draws = data.draw_epoch(4000, 8, torch.Generator().manual_seed(0))
     assert draws.synthetic.float().mean() == pytest.approx(0.5, abs=0.03)
     second = (draws.cache_index[draws.synthetic] - len(train)) % 2 == 1
     assert second.float().mean() == pytest.approx(0.75, abs=0.03)
-    train.set_synthetic_images({0: siblings[0]})  # threshold mode: the others lost every sibling
+    train.set_synthetic_images(SyntheticSet.from_siblings({0: siblings[0]}))  # threshold mode: the others lost all
     draws = TrainingData(train, "cpu").draw_epoch(400, 8, torch.Generator().manual_seed(0))
     assert (draws.real_index[draws.synthetic] == 0).all()
     assert draws.synthetic[draws.real_index == 0].float().mean() == pytest.approx(0.5, abs=0.15)
@@ -248,13 +250,19 @@ def test_half_probability_and_filter_sibling_probabilities(colours, tmp_path):
 
 def test_loss_weights_scale_the_synthetic_loss(colours, tmp_path):
     train = Colours(data_dir=colours, examples_per_class=2, image_size=IMAGE_SIZE, synthetic_probability=1.0)
-    siblings = attach_siblings(tmp_path, train)
-    zero = {str(path): 0.0 for paths in siblings.values() for path in paths}
+    synthetic_set = SyntheticSet.from_siblings(attach_siblings(tmp_path, train))
+
+    def weigh(loss_weight):
+        train.set_synthetic_images(synthetic_set.with_filter_weights(
+            pd.DataFrame({"kept": True, "probability": np.nan, "loss_weight": [loss_weight] * len(synthetic_set)})))
+
     model = mean_colour_model()
     before = model.head.weight.detach().clone()
-    short_fit(model, train, None, sample_loss_weights=zero, lr=0.1)
+    weigh(0.0)
+    short_fit(model, train, None, lr=0.1)
     assert torch.equal(model.head.weight, before)  # every draw synthetic with weight 0: nothing to learn
-    short_fit(model, train, None, sample_loss_weights={path: 1.0 for path in zero}, lr=0.1)
+    weigh(1.0)
+    short_fit(model, train, None, lr=0.1)
     assert not torch.equal(model.head.weight, before)
 
 

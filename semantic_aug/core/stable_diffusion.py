@@ -489,3 +489,46 @@ def random_sdxl_folder(device: str | torch.device = "cpu") -> Path:
         save_stable_diffusion_xl(path, tokenizer, tokenizer_2,
                                  *(part.to(torch.float16) for part in (text_encoder, text_encoder_2, vae, unet)))
     return path
+
+
+def load_stable_diffusion_configs(name_or_path: str = TINY_MODEL_NAME, dtype: torch.dtype = torch.float32):
+    """A Stable Diffusion pipeline's parts built from the model folder's configs on the meta device: no weights are
+    read, so it takes a fraction of a second. Its configs, tokenizer and scheduler equal `load_stable_diffusion`'s
+    (`_name_or_path` and the text encoder's dtype included), which is what a synthetic set's fingerprint reads;
+    it cannot run.
+
+    Args:
+        name_or_path: as `load_stable_diffusion` takes it (a hub id resolves to its downloaded folder).
+        dtype: the weight dtype `load_stable_diffusion` would load with (the text encoder's config records it).
+
+    Returns:
+        A namespace with `unet`, `vae`, `text_encoder`, `tokenizer` and `scheduler`, as a pipeline has them.
+    """
+    import importlib
+    import json
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(resolve_model_path(name_or_path))
+    if not folder.is_dir():  # a hub id: the folder `from_pretrained` reads (downloaded once, as it would be)
+        from diffusers import DiffusionPipeline
+
+        folder = Path(_from_pretrained(DiffusionPipeline.download, name_or_path))
+    index = json.loads((folder / "model_index.json").read_text())
+    parts = {}
+    with torch.device("meta"):
+        for name, loader in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
+            model = loader.from_config(loader.load_config(folder / name))
+            model.register_to_config(_name_or_path=str(folder / name))
+            parts[name] = model  # a diffusers config records no dtype
+        config = CLIPTextConfig.from_pretrained(folder / "text_encoder")
+        config.dtype = dtype
+        parts["text_encoder"] = CLIPTextModel(config).to(dtype)
+    parts["text_encoder"].config._name_or_path = str(folder / "text_encoder")
+    library, class_name = index["scheduler"]
+    scheduler_class = getattr(importlib.import_module(library), class_name)
+    parts["scheduler"] = scheduler_class.from_pretrained(folder, subfolder="scheduler")
+    parts["tokenizer"] = CLIPTokenizer.from_pretrained(folder / "tokenizer", model_max_length=CLIP_MAX_LENGTH)
+    return SimpleNamespace(**parts)

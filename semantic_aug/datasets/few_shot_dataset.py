@@ -2,7 +2,8 @@
 
 A dataset is a list of real images with integer labels, selected few-shot for the `train` split. The base
 class owns what every dataset shares: class counts, per-split transforms, and the DIAGen/DA-Fusion mixing of
-real and synthetic images (`synthetic_probability`, optionally weighted by `filter_weights`).
+real and synthetic images (`synthetic_probability`, optionally weighted by `filter_weights`), read from one
+synthetic set (`semantic_aug.stages.synthetic.SyntheticSet`) through `set_synthetic_images`.
 
 Images come out as float tensors in [0, 1]; each classifier backbone applies the normalisation its own
 weights expect (the reference normalised to [-1, 1] for ImageNet weights, which is wrong).
@@ -14,6 +15,7 @@ import abc
 import hashlib
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -34,6 +36,21 @@ RANDOM_ROTATION_DEGREES = 15
 BAD_IMAGE_POLICIES = ("error", "skip")
 TRAIN_POOL_SIZE = 8  # DIAGen's split rule: the first 8 shuffled train-val images of a class are its training pool
 MIN_VAL_IMAGES = 1  # every class keeps at least this many validation images (model selection needs them)
+
+
+@dataclass(frozen=True)
+class Siblings:
+    """The synthetic images made from one real image, as training draws them (`SyntheticSet.siblings`).
+
+    Attributes:
+        paths: the image files, in synthetic-index order.
+        probabilities: the chance of drawing each (DIAGen's filter, normalised over the siblings); None: uniform.
+        loss_weights: the multiplier of each image's loss (filter mode `loss`); None: 1 for every image.
+    """
+
+    paths: list[str]
+    probabilities: np.ndarray | None = None
+    loss_weights: np.ndarray | None = None
 
 
 def add_bad_images_argument(parser) -> None:
@@ -114,8 +131,8 @@ class FewShotDataset(Dataset, abc.ABC):
         self.synthetic_probability = synthetic_probability
         self.use_randaugment = use_randaugment
         self.transform = transform or build_transform(split, image_size, self.random_crop, use_randaugment)
-        self.synthetic_images: dict[int, list[str]] = {}
-        self.synthetic_weights: dict[int, np.ndarray] = {}
+        self.synthetic_set = None
+        self.synthetic_images: dict[int, Siblings] = {}
 
     # -- the abstract API of the reference's FewShotDataset ---------------------------------------------------
 
@@ -149,31 +166,29 @@ class FewShotDataset(Dataset, abc.ABC):
         """Images per class in this split, zeros included for absent classes."""
         return np.bincount(self.labels, minlength=self.num_classes)
 
-    def set_synthetic_images(self, synthetic_images: dict[int, list[str]],
-                             filter_weights: dict[int, Sequence[float]] | None = None) -> None:
-        """Attach synthetic siblings: `synthetic_images[idx]` are paths generated from real image `idx`.
+    def set_synthetic_images(self, synthetic_set) -> None:
+        """Attach a synthetic set: each real image `idx` gets the siblings `synthetic_set.siblings()[idx]`, with
+        their draw probabilities (DIAGen's filter, contribution c) and loss weights.
 
         Args:
-            synthetic_images: real index -> list of image paths.
-            filter_weights: real index -> one weight per sibling (DIAGen's filter, contribution c). They are
-                normalised into the probabilities of picking each sibling; None picks uniformly.
+            synthetic_set: a `semantic_aug.stages.synthetic.SyntheticSet` (anything with its `siblings()`), or
+                None to detach.
         """
-        self.synthetic_images = {int(idx): list(paths) for idx, paths in synthetic_images.items() if len(paths)}
-        self.synthetic_weights = {}
-        for idx, weights in (filter_weights or {}).items():
-            paths = self.synthetic_images.get(int(idx), [])
-            weights = np.asarray(weights, dtype=np.float64)
-            if len(weights) != len(paths):
-                raise ValueError(f"image {idx}: {len(weights)} filter weights for {len(paths)} synthetic images")
-            total = weights.sum()
-            self.synthetic_weights[int(idx)] = weights / total if total > 0 else np.full(len(paths), 1.0 / len(paths))
+        self.synthetic_set = synthetic_set
+        self.synthetic_images = {}
+        for idx, siblings in (synthetic_set.siblings() if synthetic_set is not None else {}).items():
+            if siblings.probabilities is not None and len(siblings.probabilities) != len(siblings.paths):
+                raise ValueError(f"image {idx}: {len(siblings.probabilities)} probabilities for "
+                                 f"{len(siblings.paths)} synthetic images")
+            if len(siblings.paths):
+                self.synthetic_images[int(idx)] = siblings
 
     def choose_synthetic(self, idx: int, uniform: float) -> str | None:
         """The synthetic sibling of `idx` that a uniform draw `uniform` in [0, 1) selects, or None if it has none."""
-        paths = self.synthetic_images.get(idx)
-        if not paths:
+        siblings = self.synthetic_images.get(idx)
+        if siblings is None:
             return None
-        probabilities = self.synthetic_weights.get(idx)
+        paths, probabilities = siblings.paths, siblings.probabilities
         if probabilities is None:
             return paths[min(int(uniform * len(paths)), len(paths) - 1)]
         choice = int(np.searchsorted(np.cumsum(probabilities), uniform, side="right"))

@@ -5,9 +5,11 @@ linear head), calibrated by temperature scaling on the validation split. Each sy
 `confidence`: the mean calibrated probability of its intended class over a few random training views. The
 paper's `filter_weights` rule maps it to a weight (1 at or above `FILTER_CONFIDENCE_THRESHOLD`, a linear ramp
 to 0 below), and the weights of the siblings of one real image become the probabilities of choosing which
-sibling replaces that image (`FewShotDataset.set_synthetic_images`). The loss is untouched.
+sibling replaces that image. The loss is untouched. This module returns these numbers (`filter_scores`,
+`filter_mode_weights`); the synthetic set (`semantic_aug.stages.synthetic.SyntheticSet`) keeps them and hands them
+to training. Training the filter itself is `semantic_aug.stages.filter_training.train_filter`.
 
-`apply_filter_mode` also offers two modes that go beyond the paper: `loss` (the weight multiplies the per-sample
+`filter_mode_weights` also offers two modes that go beyond the paper: `loss` (the weight multiplies the per-sample
 loss, siblings chosen uniformly) and `threshold` (images below a confidence are dropped, the rest chosen
 uniformly).
 
@@ -33,10 +35,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from semantic_aug.core.classifiers import FewShotClassifier
-from semantic_aug.core.layout import RunLayout
 from semantic_aug.datasets.few_shot_dataset import TRAIN_SPLIT, build_transform
-from semantic_aug.core.utils import (UserError, atomic_torch_save, atomic_write_csv, atomic_write_text, load_image,
-                                pick_device)
+from semantic_aug.core.utils import UserError, atomic_torch_save, load_image, pick_device
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,6 @@ FILTER_MODE_HELP = (
     "which synthetic sibling replaces a real image; `loss` (beyond the paper) multiplies each synthetic sample's "
     "loss by its weight and picks siblings uniformly; `threshold` (beyond the paper) drops synthetic images whose "
     "confidence is below --filter-threshold and picks the rest uniformly")
-MANIFEST_SCORE_COLUMNS = ("confidence", "filter_weight", "filter_id")
 FILTER_FORMAT_VERSION = 1
 
 
@@ -261,109 +260,6 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, lr: float = TEMP
 
 
 # ----------------------------------------------------------------------------------------------------------
-# training
-
-
-def train_filter(dataset_name: str, seed: int, examples_per_class: int, *, data_dir: str | os.PathLike | None = None,
-                 backbone: str = FILTER_BACKBONE, models_root: str | os.PathLike = "models",
-                 logdir: str | os.PathLike = "logs", iterations_per_epoch: int = 200, max_epochs: int = 50,
-                 batch_size: int = 16, lr: float = 1e-4, weight_decay: float = 1e-2,
-                 early_stopping_patience: int | None = 6, image_size: int = 256, use_randaugment: bool = True,
-                 temperature_lr: float = TEMPERATURE_LR, temperature_iterations: int = TEMPERATURE_ITERATIONS,
-                 overwrite: bool = False, bad_images: str = "error", device: str | torch.device | None = None,
-                 train_pool_size: int | None = None,
-                 progress: bool = True) -> Path:
-    """Train, calibrate and save the filter of one (dataset, seed, examples_per_class) run, as the reference did.
-
-    Steps: the real few-shot training split only (RandAugment on), a frozen pretrained backbone plus a linear
-    head trained with the shared loop (class-balanced sampling, Adam with L2 weight decay as the reference, early
-    stopping on the mean per-class validation loss, best epoch kept as a copy); temperature scaling on the validation logits;
-    NLL and ECE before and after calibration and the training curves logged to the CSVs of
-    `RunLayout.filter_logs(logdir)`.
-
-    Args:
-        dataset_name: registered dataset (`custom_coco`, `coco`, `focus`).
-        seed: seeds the few-shot selection, the sampler and the initialisation.
-        examples_per_class: real training images per class.
-        data_dir: the dataset's folder (None: its default / environment variable).
-        backbone: classifier backbone name (`efficientnet_lite0`, `resnet50`, `deit`, ...).
-        models_root: folder of the saved filter (`RunLayout.filter`).
-        logdir: folder of the CSV logs.
-        iterations_per_epoch: batches per epoch.
-        max_epochs: upper bound on epochs (early stopping usually ends sooner).
-        batch_size: images per batch.
-        lr: learning rate of the head.
-        weight_decay: Adam's (coupled, L2) weight decay, as the reference.
-        early_stopping_patience: stop after this many epochs without a lower validation loss (None: never).
-        image_size: side of the square input images in pixels.
-        use_randaugment: add RandAugment to the training transform (the reference did).
-        temperature_lr: LBFGS learning rate of temperature scaling.
-        temperature_iterations: LBFGS iterations of temperature scaling.
-        overwrite: retrain even if the filter file exists (otherwise an existing filter is kept: resume).
-        bad_images: `error` or `skip` for empty/corrupt image files (see `FewShotDataset`).
-        train_pool_size: the split rule the classifier uses (`--train-pool-size`; None: the dataset's).
-        device: `cpu`, `cuda`, `cuda:1`, a GPU index, or None for CUDA when present.
-        progress: show progress bars.
-
-    Returns:
-        The path of the saved filter.
-    """
-    from semantic_aug.datasets import create_dataset
-    from semantic_aug.stages.training import fit
-    from semantic_aug.core.utils import restart_marker, set_seed
-
-    layout = RunLayout(dataset_name, seed, examples_per_class, models_root=models_root)
-    path = layout.filter
-    if path.is_file() and not overwrite:
-        logger.info("filter %s exists; keeping it (pass overwrite / --overwrite to retrain)", path)
-        return path
-    logs = layout.filter_logs(logdir)
-    with restart_marker(path, f"filter {layout.run_id}: training", logs):
-        device = device if isinstance(device, torch.device) else pick_device(device)
-        set_seed(seed)
-
-        # 1. the real images: the few-shot training split (with RandAugment) and the whole validation split
-        train_dataset = create_dataset(dataset_name, split=TRAIN_SPLIT, examples_per_class=examples_per_class,
-                                       seed=seed,
-                                       data_dir=data_dir, image_size=image_size, use_randaugment=use_randaugment,
-                                       bad_images=bad_images, train_pool_size=train_pool_size)
-        val_dataset = create_dataset(dataset_name, split="val", seed=seed, data_dir=data_dir, image_size=image_size,
-                                     bad_images=bad_images, train_pool_size=train_pool_size)
-        logger.info("filter %s seed %d epc %d: %d training / %d validation images, %s, up to %d epochs x %d batches "
-                    "of %d",
-                    dataset_name, seed, examples_per_class, len(train_dataset), len(val_dataset), backbone, max_epochs,
-                    iterations_per_epoch, batch_size)
-
-        # 2. a linear head on the frozen backbone, best epoch by mean per-class validation loss
-        classifier = FewShotClassifier(backbone, train_dataset.num_classes)
-        result = fit(classifier, train_dataset, val_dataset, num_epochs=max_epochs,
-                     iterations_per_epoch=iterations_per_epoch, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                     select_by="loss", early_stopping_patience=early_stopping_patience, device=device,
-                     generator=torch.Generator().manual_seed(seed), use_randaugment=use_randaugment, progress=progress)  # returns with the best epoch's weights loaded
-
-        # 3. temperature scaling on the validation logits of the best epoch
-        logits, labels = predict_logits(classifier, val_dataset, device, batch_size=max(batch_size, 64),
-                                        progress=progress)
-        log_temperature = fit_temperature(logits, labels, lr=temperature_lr, max_iter=temperature_iterations)
-        before = calibration_metrics(logits, labels)
-        after = calibration_metrics(logits, labels, math.exp(log_temperature))
-        calibration = {"dataset": dataset_name, "seed": seed, "examples_per_class": examples_per_class,
-                       "backbone": backbone, "best_epoch": result.best_epoch, "temperature": math.exp(log_temperature),
-                       "nll_before": before["nll"], "nll_after": after["nll"],
-                       "ece_before": before["ece"], "ece_after": after["ece"]}
-        logger.info("filter calibrated: T = %.3f, NLL %.4f -> %.4f, ECE %.4f -> %.4f", calibration["temperature"],
-                    before["nll"], after["nll"], before["ece"], after["ece"])
-
-        # 4. logs and the filter, each written atomically
-        atomic_write_csv(result.history, logs[0])
-        atomic_write_csv(pd.DataFrame([calibration]), logs[1])
-        save_filter(FilterModel(classifier.cpu(), log_temperature, train_dataset.class_names, image_size), path,
-                    metadata=calibration)
-        logger.info("saved filter to %s", path)
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------------
 # weights of synthetic images
 
 
@@ -491,126 +387,83 @@ def score_synthetic_images(filter_model: FilterModel, image_paths: Sequence[str 
     return np.clip(confidences, 0.0, 1.0)  # float rounding of the mean can leave [0, 1] by an ulp
 
 
-def _cached_scores(manifest: pd.DataFrame, manifest_path: str | os.PathLike | None) -> pd.DataFrame:
-    """`manifest` with the score columns filled from the file at `manifest_path` where it has them (matched by path).
+def filter_scores(filter_model: FilterModel, manifest: pd.DataFrame, dataset, num_views: int = NUM_VIEWS,
+                  seed: int = 0, device: str | torch.device | None = None, batch_size: int = 64,
+                  progress: bool = True) -> pd.DataFrame:
+    """Each synthetic image's `confidence`, `filter_weight` and `filter_id`, scoring only what is not yet scored.
 
-    The manifest file may hold scores that the in-memory manifest (e.g. freshly planned by the generator) lacks.
-    """
-    if manifest_path is None or not Path(manifest_path).is_file():
-        return manifest
-    try:
-        saved = pd.read_csv(manifest_path, keep_default_na=False, na_values=[""])
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise UserError(f"cannot read the synthetic manifest {manifest_path} ({error}); "
-                        f"delete it to regenerate") from None
-    if not {"path", *MANIFEST_SCORE_COLUMNS} <= set(saved.columns):
-        return manifest
-    saved = saved.assign(path=saved["path"].astype(str)).drop_duplicates("path").set_index("path")
-    keys = manifest["path"].astype(str)
-    known = keys.isin(saved.index).to_numpy() & manifest["confidence"].isna().to_numpy()
-    for column in MANIFEST_SCORE_COLUMNS:
-        manifest.loc[known, column] = saved.loc[keys[known], column].to_numpy()
-    return manifest
-
-
-def add_filter_weights(manifest: pd.DataFrame, filter_model: FilterModel, dataset, num_views: int = NUM_VIEWS,
-                       seed: int = 0, device: str | torch.device | None = None, batch_size: int = 64,
-                       manifest_path: str | os.PathLike | None = None, progress: bool = True) -> pd.DataFrame:
-    """Score the synthetic images of a manifest and store `confidence`, `filter_weight` and `filter_id` in it.
-
-    The manifest is the cache: rows already scored by the same filter (same `filter_id`), in `manifest` or in
-    the file at `manifest_path`, are not rescored, so a rerun costs nothing; rows scored by another filter, or
-    not at all, are (re)scored.
+    Rows of `manifest` that already hold a score of the same filter (same `filter_id`) keep it, so a rerun on a
+    set whose manifest holds the scores (`SyntheticSet.with_filter_scores`) reads no image.
 
     Args:
-        manifest: the synthetic manifest (columns include `path`, as stored by the generator, and `label`).
+        manifest: the synthetic manifest (`path`, `label`, and the score columns where a filter scored it).
         filter_model: the calibrated filter (`load_filter`).
         dataset: the training dataset the images were generated from (gives the image size and crop style).
         num_views: random views per image (paper: 5).
         seed: run seed (seeds the views).
         device: where to run the filter.
         batch_size: views per forward pass.
-        manifest_path: the manifest file (`{synthetic_dir}/manifest.csv`): scores found there are reused, and the
-            updated manifest is written there atomically. None: nothing is read or written; the caller keeps it.
         progress: show a tqdm bar.
 
     Returns:
-        A copy of `manifest` with the three score columns filled.
+        A DataFrame with `SCORE_COLUMNS`, one row per manifest row, in its order.
     """
     missing = {"path", "label"} - set(manifest.columns)
     if missing:
         raise UserError(f"synthetic manifest lacks column(s) {', '.join(sorted(missing))}; "
                         f"regenerate the synthetic images")
-    manifest = manifest.copy()
-    for column, empty in zip(MANIFEST_SCORE_COLUMNS, (np.nan, np.nan, "")):
-        if column not in manifest.columns:
-            manifest[column] = empty
-    manifest["confidence"] = manifest["confidence"].astype(np.float64)
-    manifest = _cached_scores(manifest, manifest_path)
-    manifest["filter_id"] = manifest["filter_id"].fillna("").astype(str)
-    todo = manifest["confidence"].isna().to_numpy() | (manifest["filter_id"] != filter_model.filter_id).to_numpy()
+    count = len(manifest)
+    confidence = (pd.to_numeric(manifest["confidence"], errors="coerce").to_numpy(dtype=np.float64)
+                  if "confidence" in manifest.columns else np.full(count, np.nan))
+    filter_id = (manifest["filter_id"].fillna("").astype(str).to_numpy(dtype=object)
+                 if "filter_id" in manifest.columns else np.full(count, "", dtype=object))
+    todo = np.isnan(confidence) | (filter_id != filter_model.filter_id)
     if todo.any():
-        rows = manifest.index[todo]
+        rows = np.flatnonzero(todo)
         logger.info("scoring %d synthetic images with the filter (%d already scored)", len(rows), int((~todo).sum()))
-        confidences = score_synthetic_images(filter_model, manifest.loc[rows, "path"].astype(str).tolist(),
-                                             manifest.loc[rows, "label"].astype(int).tolist(),
-                                             scoring_transform(dataset, filter_model.image_size),
-                                             num_views=num_views, seed=seed,
-                                             device=device, batch_size=batch_size, progress=progress)
-        manifest.loc[rows, "confidence"] = confidences
-        manifest.loc[rows, "filter_id"] = filter_model.filter_id
-    manifest["filter_weight"] = filter_weights(manifest["confidence"].to_numpy(dtype=np.float64))
-    if manifest_path is not None:
-        text = manifest.to_csv(index=False)
-        if not Path(manifest_path).is_file() or Path(manifest_path).read_text() != text:
-            atomic_write_text(manifest_path, text)
-    return manifest
+        confidence[rows] = score_synthetic_images(filter_model, manifest["path"].astype(str).to_numpy()[rows].tolist(),
+                                                  manifest["label"].astype(int).to_numpy()[rows].tolist(),
+                                                  scoring_transform(dataset, filter_model.image_size),
+                                                  num_views=num_views, seed=seed, device=device,
+                                                  batch_size=batch_size, progress=progress)
+        filter_id[rows] = filter_model.filter_id
+    return pd.DataFrame({"confidence": confidence, "filter_weight": filter_weights(confidence),
+                         "filter_id": filter_id})
 
 
-def apply_filter_mode(manifest: pd.DataFrame, mode: str = DEFAULT_FILTER_MODE,
-                      threshold: float = FILTER_CONFIDENCE_THRESHOLD):
-    """Turn a scored manifest into what the classifier's training data needs, for one `--filter-mode`.
+def filter_mode_weights(scores: pd.DataFrame, real_idx, mode: str = DEFAULT_FILTER_MODE,
+                        threshold: float = FILTER_CONFIDENCE_THRESHOLD) -> pd.DataFrame:
+    """How training uses the filter's scores, for one `--filter-mode`, per image.
 
     Modes:
-        `sampling` (the paper): every synthetic image kept; sibling probabilities = normalised filter weights.
+        `sampling` (the paper): every synthetic image kept; its probability among its siblings is its
+            `filter_weight` normalised over them (`normalise_sibling_weights`).
         `loss` (beyond the paper): every image kept, siblings uniform; each synthetic sample's loss × its weight.
         `threshold` (beyond the paper): images with confidence < `threshold` dropped; survivors uniform. A real
             image that loses all its siblings is always shown as itself.
 
     Args:
-        manifest: synthetic manifest scored by `add_filter_weights` (columns real_idx, synthetic_idx, path,
-            confidence, filter_weight).
+        scores: `confidence` and `filter_weight` per image (`filter_scores`).
+        real_idx: the real image each synthetic image was made from (its sibling group), aligned with `scores`.
         mode: one of `FILTER_MODES`.
         threshold: minimum confidence kept in `threshold` mode.
 
     Returns:
-        (synthetic_images: real idx -> sibling paths ordered by synthetic_idx, for `set_synthetic_images`;
-         sibling_weights: real idx -> probabilities aligned with those paths, or None for uniform;
-         loss_weights: synthetic path (str) -> loss multiplier, for `fit(sample_loss_weights=...)`, or None for
-         an unweighted loss).
+        A DataFrame aligned with `scores`: `kept` (bool), `probability` (NaN: uniform over the kept siblings) and
+        `loss_weight` (1: an unweighted loss), what `SyntheticSet.with_filter_weights` takes.
     """
-    from semantic_aug.stages.synthetic import synthetic_images_from_manifest
-
     if mode not in FILTER_MODES:
         raise UserError(f"unknown filter mode {mode!r}; choose one of {', '.join(FILTER_MODES)}")
-    missing = {"real_idx", "synthetic_idx", "path", "confidence", "filter_weight"} - set(manifest.columns)
+    missing = {"confidence", "filter_weight"} - set(scores.columns)
     if missing:
-        raise UserError(f"synthetic manifest has not been scored by the filter (missing {', '.join(sorted(missing))})")
-    if manifest["confidence"].isna().any():
-        raise UserError("some synthetic images have no filter score; run add_filter_weights on the manifest first")
-    if mode == "threshold":
-        manifest = manifest[manifest["confidence"] >= threshold]
-    synthetic_images = synthetic_images_from_manifest(manifest)
-    if mode == "threshold":
-        return synthetic_images, None, None
-    weight_of = dict(zip(manifest["path"].astype(str), manifest["filter_weight"].astype(float)))
-    if mode == "loss":
-        return synthetic_images, None, weight_of
-    real_idx = [idx for idx, paths in synthetic_images.items() for _ in paths]
-    weights = [weight_of[path] for paths in synthetic_images.values() for path in paths]
-    probabilities = normalise_sibling_weights(weights, real_idx)
-    sibling_weights, start = {}, 0
-    for idx, paths in synthetic_images.items():
-        sibling_weights[idx] = probabilities[start: start + len(paths)]
-        start += len(paths)
-    return synthetic_images, sibling_weights, None
+        raise UserError(f"synthetic images have not been scored by the filter (missing {', '.join(sorted(missing))})")
+    confidence = scores["confidence"].to_numpy(dtype=np.float64)
+    if np.isnan(confidence).any():
+        raise UserError("some synthetic images have no filter score; score them with filter_scores first")
+    weights = scores["filter_weight"].to_numpy(dtype=np.float64)
+    count = len(scores)
+    kept = confidence >= threshold if mode == "threshold" else np.ones(count, dtype=bool)
+    probability = (normalise_sibling_weights(weights, np.asarray(real_idx)) if mode == "sampling"
+                   else np.full(count, np.nan))
+    loss_weight = weights if mode == "loss" else np.ones(count)
+    return pd.DataFrame({"kept": kept, "probability": probability, "loss_weight": loss_weight})

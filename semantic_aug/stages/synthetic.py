@@ -19,6 +19,16 @@ was cached, or on how many processes share the work: under `accelerate launch`, 
 of the real images whose index is p modulo P (siblings stay together, so each real image is encoded once), and the
 main process writes the manifest once all are done. The device, dtype, batch size and speed options are not part
 of the settings: they change the images only within float rounding.
+
+`SyntheticSet` is the set as the rest of the pipeline sees it: its folder, its manifest, its settings fingerprint
+and, once DIAGen's filter has scored it, its per-image weights. It alone reads and writes `manifest.csv`; the
+training split (`FewShotDataset.set_synthetic_images`) and the training loop read the images and their weights
+from it, through `SyntheticSet.siblings`.
+
+A set that is complete on disk is found without loading the diffusion model: `build_augmentation(...,
+load_weights=False)` builds the augmentation from the model's configs alone, which plans the same images and gives
+the same fingerprint, and `generate_synthetic_images` loads the real model (its `generator` argument) only when an
+image is missing and no folder of the same settings holds it.
 """
 
 from __future__ import annotations
@@ -29,9 +39,11 @@ import os
 import shutil
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
@@ -42,6 +54,7 @@ from semantic_aug.stages.augmentations import (COMPOSERS, Choice, DiffusionSampl
 from semantic_aug.stages.augmentations.generative_augmentation import check_strength_and_guidance, settings_digest
 from semantic_aug.core.embeddings import load_tokens, stable_seed
 from semantic_aug.core.layout import MANIFEST_NAME
+from semantic_aug.datasets.few_shot_dataset import Siblings
 from semantic_aug.stages.prompts import read_prompt_csv
 from semantic_aug.core.utils import (DTYPES, StageTimer, UserError, atomic_path, atomic_save_image,
                                 atomic_write_csv, atomic_write_text, remove_stale_temporaries)
@@ -51,6 +64,8 @@ logger = logging.getLogger(__name__)
 SETTINGS_NAME = "settings.json"
 MANIFEST_COLUMNS = [
     "real_idx", "synthetic_idx", "label", "class_name", "augmentation", "token", "prompt", "seed", "path"]
+SCORE_COLUMNS = ("confidence", "filter_weight", "filter_id")  # DIAGen's filter adds these to the manifest
+WEIGHT_COLUMNS = ("kept", "probability", "loss_weight")  # how training uses the filter's weights (`with_filter_weights`)
 CACHE_FORMAT = 1  # bump when the way images are made changes, so old caches are not reused
 PNG_COMPRESS_LEVEL = 1  # zlib level: a cache written once and read a few times favours speed over size
 WRITER_THREADS = min(8, os.cpu_count() or 1)  # PNG encoding releases the GIL, so threads overlap it with the GPU
@@ -111,7 +126,7 @@ def build_augmentation(aug_names: Sequence[str], *, model_path: str, embed_path:
                        dtype: torch.dtype | str = torch.float32, resolution: int | None = None,
                        num_inference_steps: int = 50, std_deviations: Sequence[float] | None = None,
                        erasure_ckpt_path: str | os.PathLike | None = None,
-                       acceleration: Acceleration | None = None) -> GenerativeAugmentation:
+                       acceleration: Acceleration | None = None, load_weights: bool = True) -> GenerativeAugmentation:
     """The augmentation `train_classifier.py` generates with, from its flags, as the reference built it.
 
     Cheap checks run before the model loads. The model is loaded fresh on every call: each (seed, examples per
@@ -142,6 +157,9 @@ def build_augmentation(aug_names: Sequence[str], *, model_path: str, embed_path:
         erasure_ckpt_path: optional UNet state dict to load over the model's.
         acceleration: how the diffusion model runs (`semantic_aug.acceleration.Acceleration`; None takes its
             defaults); it changes the images only within float rounding.
+        load_weights: False builds the model from its configs alone, on the meta device (a fraction of a second):
+            the augmentation then plans images and gives the synthetic set's fingerprint exactly as the loaded one
+            does, but cannot make images (`generate_synthetic_images` takes the loaded one as its `generator`).
 
     Returns:
         The augmentation (a `ComposeParallel`/`ComposeSequential` for several names).
@@ -173,9 +191,13 @@ def build_augmentation(aug_names: Sequence[str], *, model_path: str, embed_path:
             raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
 
-    sampler = DiffusionSampler.from_pretrained(
-        model_path, device=device, dtype=dtype, unet_weights=erasure_ckpt_path, num_inference_steps=num_inference_steps,
-        resolution=resolution, acceleration=acceleration)
+    if load_weights:
+        sampler = DiffusionSampler.from_pretrained(
+            model_path, device=device, dtype=dtype, unet_weights=erasure_ckpt_path,
+            num_inference_steps=num_inference_steps, resolution=resolution, acceleration=acceleration)
+    else:
+        sampler = _sampler_from_configs(model_path, dtype, erasure_ckpt_path, num_inference_steps=num_inference_steps,
+                                        resolution=resolution)
     augmentations = []
     for cls, strength_i, guidance_i, mask_i, inverted_i in zip(classes, strengths, guidance_scales, masks, inverteds):
         options = dict(prompt=prompt, strength=strength_i, guidance_scale=guidance_i, mask=bool(mask_i),
@@ -185,11 +207,29 @@ def build_augmentation(aug_names: Sequence[str], *, model_path: str, embed_path:
                            std_deviations=std_deviations)
         augmentations.append(cls(sampler, class_names, **options))
     augmentation = augmentations[0] if count == 1 else COMPOSERS[compose](augmentations, probs)
+    if not load_weights:
+        return augmentation
     logger.info("augmentation for %s: %s (strength %s, guidance %s, %d steps at %d², embedding noise %s, generated "
                 "prompts %s) on %s in %s", dataset_name, "+".join(aug_names), strengths, guidance_scales,
                 num_inference_steps, sampler.resolution, use_embedding_noise, use_generated_prompts, sampler.device,
                 dtype)
     return augmentation
+
+
+def _sampler_from_configs(model_path: str, dtype: torch.dtype, unet_weights: str | os.PathLike | None,
+                          **kwargs) -> DiffusionSampler:
+    """A `DiffusionSampler` over the model's configs on the meta device, whose `settings()` equal those of
+    `DiffusionSampler.from_pretrained` with the same arguments (the model's id, the UNet file's hash included)."""
+    from semantic_aug.core.stable_diffusion import load_stable_diffusion_configs, resolve_model_path
+    from semantic_aug.stages.augmentations.sampler import file_sha256
+
+    model_id = resolve_model_path(model_path)
+    if unet_weights is not None:
+        if not Path(unet_weights).is_file():
+            raise UserError(f"UNet checkpoint not found: {unet_weights}")
+        model_id = f"{model_id}+unet:{file_sha256(unet_weights)}"
+    return DiffusionSampler(load_stable_diffusion_configs(model_path, dtype), model_id=model_id,
+                            acceleration=Acceleration.none(), **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -405,12 +445,14 @@ def _generate_rows(dataset, augmentation: GenerativeAugmentation, manifest: pd.D
 def generate_synthetic_images(dataset, augmentation: GenerativeAugmentation, num_synthetic: int,
                               synthetic_dir: str | os.PathLike, seed: int, batch_size: int = 8, accelerator=None,
                               progress: bool = True, overwrite: bool = False,
-                              shared_dirs: Sequence[str | os.PathLike] = ()) -> pd.DataFrame:
+                              shared_dirs: Sequence[str | os.PathLike] = (),
+                              generator: Callable[[], GenerativeAugmentation] | None = None) -> "SyntheticSet":
     """Make (or reuse) `num_synthetic` synthetic images per real image of `dataset` in `synthetic_dir`.
 
     Args:
         dataset: the training split (a `FewShotDataset`).
-        augmentation: from `build_augmentation`.
+        augmentation: from `build_augmentation`; it plans the images and gives the settings fingerprint, and makes
+            the missing images unless `generator` is given.
         num_synthetic: synthetic images per real image (0 makes nothing).
         synthetic_dir: the cache folder (see the module docstring).
         seed: the run's seed; image (i, n) is seeded with a value derived from (seed, i, n).
@@ -420,9 +462,12 @@ def generate_synthetic_images(dataset, augmentation: GenerativeAugmentation, num
         overwrite: move a folder made with other settings aside instead of refusing it.
         shared_dirs: other folders whose images are linked in, where their settings are the same
             (`link_identical_images`).
+        generator: builds the augmentation that makes images, called only when this process has images to make
+            (so that `augmentation` may be the weightless one of `build_augmentation(..., load_weights=False)`).
 
     Returns:
-        The manifest (`MANIFEST_COLUMNS`, one row per image), also written to `{synthetic_dir}/manifest.csv`.
+        The `SyntheticSet`; its manifest (`MANIFEST_COLUMNS`, one row per image) is also written to
+        `{synthetic_dir}/manifest.csv`.
 
     Raises:
         UserError: the folder holds images made with other settings (and not `overwrite`).
@@ -432,7 +477,7 @@ def generate_synthetic_images(dataset, augmentation: GenerativeAugmentation, num
     synthetic_dir = Path(synthetic_dir)
     manifest, choices = plan_synthetic_images(dataset, augmentation, num_synthetic, synthetic_dir, seed)
     if num_synthetic == 0 or len(manifest) == 0:
-        return manifest
+        return SyntheticSet(synthetic_dir, manifest)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     is_main = rank == 0
 
@@ -463,21 +508,24 @@ def generate_synthetic_images(dataset, augmentation: GenerativeAugmentation, num
         logger.info("synthetic images: %d (%d per real image, %d real) in %s; %d cached, %d to make on %d process(es) "
                     "in batches of %d", len(manifest), num_synthetic, len(dataset), synthetic_dir, sum(done),
                     len(manifest) - sum(done), world, batch_size)
-    _generate_rows(dataset, augmentation, manifest, choices, todo, batch_size, show_progress=progress and is_main)
+    if todo:
+        maker = generator() if generator is not None else augmentation
+        _generate_rows(dataset, maker, manifest, choices, todo, batch_size, show_progress=progress and is_main)
+        del maker  # the diffusion model leaves the device before the classifier trains
     barrier()
 
     # 3. the manifest, once every image exists
+    manifest_file = synthetic_dir / MANIFEST_NAME
     if is_main:
         missing = [p for p in paths if not Path(p).is_file()]
         if missing:
             raise UserError(f"{len(missing)} synthetic images are missing in {synthetic_dir} (first: {missing[0]}); "
                             f"rerun to resume")
-        stored = _stored_manifest(synthetic_dir / MANIFEST_NAME, manifest)
-        if stored is None:
-            atomic_write_csv(manifest, synthetic_dir / MANIFEST_NAME)
+        if _stored_manifest(manifest_file, manifest) is None:
+            atomic_write_csv(manifest, manifest_file)
     barrier()
-    stored = _stored_manifest(synthetic_dir / MANIFEST_NAME, manifest)
-    return stored if stored is not None else manifest
+    stored = _stored_manifest(manifest_file, manifest)
+    return SyntheticSet(synthetic_dir, stored if stored is not None else manifest, settings["fingerprint"])
 
 
 def _stored_manifest(manifest_file: Path, planned: pd.DataFrame) -> pd.DataFrame | None:
@@ -494,19 +542,107 @@ def _stored_manifest(manifest_file: Path, planned: pd.DataFrame) -> pd.DataFrame
     return None
 
 
-def synthetic_images_from_manifest(manifest: pd.DataFrame | str | os.PathLike) -> dict[int, list[str]]:
-    """Real index -> paths of its synthetic siblings, ordered by synthetic index (for `set_synthetic_images`).
+def _read_manifest(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise UserError(f"synthetic manifest not found: {path}")
+    try:
+        return pd.read_csv(path, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read the synthetic manifest {path} ({error}); delete it to regenerate") from None
 
-    Args:
-        manifest: a manifest DataFrame, or the path of a `manifest.csv` (or of the folder holding one).
+
+# ----------------------------------------------------------------------------------------------------------
+# the set as training sees it
+
+
+@dataclass(frozen=True)
+class SyntheticSet:
+    """The synthetic images of one run: their folder, their manifest, the settings fingerprint they were made
+    with, and, once DIAGen's filter has scored them, how training weights them. The only reader and writer of
+    `manifest.csv`; each `with_*` method returns a new set.
+
+    Attributes:
+        folder: the synthetic folder (`--synthetic-dir`).
+        manifest: one row per image, `MANIFEST_COLUMNS` and, once scored, `SCORE_COLUMNS` (as on disk).
+        fingerprint: the settings fingerprint of `settings.json` (None for a set made elsewhere).
+        weights: None (siblings drawn uniformly, every loss weighs 1), or one row per manifest row, in its order,
+            with `WEIGHT_COLUMNS`: `kept` (the image may be drawn), `probability` (its chance among the kept
+            siblings of its real image; NaN: uniform) and `loss_weight` (the multiplier of its loss).
     """
-    if not isinstance(manifest, pd.DataFrame):
-        path = Path(manifest)
-        path = path / MANIFEST_NAME if path.is_dir() else path
-        if not path.is_file():
-            raise UserError(f"synthetic manifest not found: {path}")
-        manifest = pd.read_csv(path, keep_default_na=False)
-    siblings: dict[int, list[str]] = {}
-    for row in manifest.sort_values(["real_idx", "synthetic_idx"]).itertuples(index=False):
-        siblings.setdefault(int(row.real_idx), []).append(str(row.path))
-    return siblings
+
+    folder: Path
+    manifest: pd.DataFrame
+    fingerprint: str | None = None
+    weights: pd.DataFrame | None = None
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "SyntheticSet":
+        """The set in `folder` (or of the `manifest.csv` named), as `generate_synthetic_images` left it.
+
+        Raises:
+            UserError: no readable manifest.
+        """
+        folder = Path(folder)
+        if folder.name == MANIFEST_NAME and not folder.is_dir():
+            folder = folder.parent
+        manifest = _read_manifest(folder / MANIFEST_NAME)
+        try:
+            fingerprint = json.loads((folder / SETTINGS_NAME).read_text()).get("fingerprint")
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            fingerprint = None
+        return cls(folder, manifest, fingerprint)
+
+    @classmethod
+    def from_siblings(cls, siblings: dict[int, Sequence[str | os.PathLike]],
+                      folder: str | os.PathLike = ".") -> "SyntheticSet":
+        """A set of images made elsewhere (benchmarks, tests): real index -> its synthetic images, in order."""
+        rows = [(int(idx), n, str(path)) for idx, paths in siblings.items() for n, path in enumerate(paths)]
+        return cls(Path(folder), pd.DataFrame(rows, columns=["real_idx", "synthetic_idx", "path"]))
+
+    def __len__(self) -> int:
+        return len(self.manifest)
+
+    def with_filter_scores(self, scores: pd.DataFrame) -> "SyntheticSet":
+        """The set with the filter's `SCORE_COLUMNS` (one row per manifest row, in its order) in its manifest,
+        which is written to `{folder}/manifest.csv` (atomically, if it changed): the manifest is the scores' cache.
+
+        Args:
+            scores: `confidence`, `filter_weight` and `filter_id` per image (`filtering.filter_scores`).
+        """
+        if len(scores) != len(self.manifest) or not set(SCORE_COLUMNS) <= set(scores.columns):
+            raise ValueError(f"scores need {', '.join(SCORE_COLUMNS)} for each of the {len(self.manifest)} images")
+        manifest = self.manifest.copy()
+        for column in SCORE_COLUMNS:
+            manifest[column] = scores[column].to_numpy()
+        manifest["confidence"] = manifest["confidence"].astype(np.float64)
+        manifest["filter_weight"] = manifest["filter_weight"].astype(np.float64)
+        text, manifest_file = manifest.to_csv(index=False), self.folder / MANIFEST_NAME
+        if not manifest_file.is_file() or manifest_file.read_text() != text:
+            atomic_write_text(manifest_file, text)
+        return replace(self, manifest=manifest)
+
+    def with_filter_weights(self, weights: pd.DataFrame) -> "SyntheticSet":
+        """The set with its per-image weights (`WEIGHT_COLUMNS`, one row per manifest row, in its order), the one
+        channel through which the filter reaches training: the sibling draws and the loss read them from
+        `siblings`."""
+        if len(weights) != len(self.manifest) or not set(WEIGHT_COLUMNS) <= set(weights.columns):
+            raise ValueError(f"weights need {', '.join(WEIGHT_COLUMNS)} for each of the {len(self.manifest)} images")
+        return replace(self, weights=weights[list(WEIGHT_COLUMNS)].reset_index(drop=True))
+
+    def siblings(self) -> dict[int, Siblings]:
+        """Real index -> its kept synthetic images (ordered by synthetic index) with their draw probabilities
+        and loss weights, for `FewShotDataset.set_synthetic_images`. A real image with no kept image is absent."""
+        frame = self.manifest[["real_idx", "synthetic_idx", "path"]].reset_index(drop=True)
+        if self.weights is not None:
+            frame = frame.join(self.weights)
+            frame = frame[frame["kept"].astype(bool)]
+        result: dict[int, Siblings] = {}
+        for real_idx, group in frame.sort_values(["real_idx", "synthetic_idx"]).groupby("real_idx", sort=True):
+            paths = group["path"].astype(str).tolist()
+            if self.weights is None:
+                result[int(real_idx)] = Siblings(paths)
+                continue
+            probability = group["probability"].to_numpy(dtype=np.float64)
+            result[int(real_idx)] = Siblings(paths, None if np.isnan(probability).all() else probability,
+                                             group["loss_weight"].to_numpy(dtype=np.float64))
+        return result

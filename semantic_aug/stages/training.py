@@ -8,7 +8,8 @@ batch. The reference's semantics are kept:
 
 * draws: DIAGen's class-balanced sampler (`class_balanced_sampler`), `batch_size × iterations_per_epoch` per epoch;
 * each draw becomes one of the real image's synthetic siblings with probability `synthetic_probability`, the
-  sibling picked uniformly or with the filter's sibling probabilities (`FewShotDataset.set_synthetic_images`);
+  sibling picked uniformly or with the filter's sibling probabilities, and its loss weighted by the filter in
+  mode `loss`, both read from the synthetic set attached with `FewShotDataset.set_synthetic_images`;
 * train transform: RandomResizedCrop(scale 0.7-1, ratio 3/4-4/3; a plain resize for COCO), horizontal flip,
   rotation up to ±15° with black corners (nearest neighbour, torchvision's default); with RandAugment the
   reference's other chain, a resize then RandAugment; optional CutMix; val/test: the resize alone;
@@ -325,11 +326,10 @@ class TrainingData:
     never reads one.
 
     Args:
-        dataset: a `FewShotDataset` (its `synthetic_images`, `synthetic_weights`, `synthetic_probability`,
-            `image_size` and `random_crop` are honoured; a custom `transform` is not used).
+        dataset: a `FewShotDataset` (its `synthetic_images`, the siblings of its synthetic set with their draw
+            probabilities and loss weights, `synthetic_probability`, `image_size` and `random_crop` are honoured; a
+            custom `transform` is not used). Real images weigh 1 in the loss.
         device: where images live and batches are built.
-        sample_loss_weights: synthetic image path (str) -> loss weight (filter mode `loss`, as
-            `semantic_aug.stages.filtering.apply_filter_mode` returns them); other images weigh 1.
         use_randaugment: the reference's RandAugment chain, a resize then RandAugment, in place of the crop, flip
             and rotation (None: `dataset.use_randaugment`).
         use_cutmix: paste a box of another image of the batch into half of the draws (labels mixed by area).
@@ -337,7 +337,7 @@ class TrainingData:
         progress: show decoding progress.
     """
 
-    def __init__(self, dataset, device: torch.device | str, sample_loss_weights: dict[str, float] | None = None,
+    def __init__(self, dataset, device: torch.device | str,
                  use_randaugment: bool | None = None, use_cutmix: bool = False, num_workers: int | None = None,
                  progress: bool = False):
         self.device = torch.device(device)
@@ -357,15 +357,16 @@ class TrainingData:
         probabilities: list[np.ndarray] = [np.zeros(0)] * num_real
         loss_weights = [1.0] * num_real
         if self.synthetic_probability > 0:
-            for idx, paths in sorted(getattr(dataset, "synthetic_images", {}).items()):
+            for idx, images in sorted(getattr(dataset, "synthetic_images", {}).items()):
                 if not 0 <= idx < num_real:
                     raise UserError(f"synthetic images are attached to real image {idx}, but the split has {num_real}")
+                paths = images.paths
                 siblings[idx] = list(range(len(loaders), len(loaders) + len(paths)))
                 loaders += [partial(load_image, path) for path in paths]
-                weights = dataset.synthetic_weights.get(idx) if getattr(dataset, "synthetic_weights", None) else None
-                probabilities[idx] = (np.asarray(weights, dtype=np.float64) if weights is not None
-                                      else np.full(len(paths), 1.0 / len(paths)))
-                loss_weights += [float((sample_loss_weights or {}).get(str(path), 1.0)) for path in paths]
+                probabilities[idx] = (np.asarray(images.probabilities, dtype=np.float64)
+                                      if images.probabilities is not None else np.full(len(paths), 1.0 / len(paths)))
+                loss_weights += ([float(weight) for weight in images.loss_weights] if images.loss_weights is not None
+                                 else [1.0] * len(paths))
         self.num_synthetic_images = len(loaders) - num_real
         self.cache = build_image_cache(loaders, self.image_size * CACHE_SCALE, self.device, num_workers, progress,
                                        desc="decode train", square=False)
@@ -601,14 +602,15 @@ def _is_improvement(value: float, best: float | None, select_by: str) -> bool:
 def fit(model: nn.Module, train_dataset, val_dataset, *, num_epochs: int, iterations_per_epoch: int, batch_size: int,
         lr: float = 1e-4, weight_decay: float = 0.0, select_by: str = "accuracy",
         early_stopping_patience: int | None = None, device: torch.device | str, generator: torch.Generator,
-        sample_loss_weights: dict[str, float] | None = None, use_randaugment: bool | None = None,
-        use_cutmix: bool = False, num_workers: int | None = None, progress: bool = True) -> FitResult:
+        use_randaugment: bool | None = None, use_cutmix: bool = False, num_workers: int | None = None,
+        progress: bool = True) -> FitResult:
     """Train `model` on the few-shot split and keep its best epoch (the reference's train_classifier.py loop).
 
     Args:
         model: maps [0, 1] images (N, 3, S, S) to logits; a `FewShotClassifier` gets its frozen backbone kept in
             eval mode and its validation features computed once.
-        train_dataset: a `FewShotDataset` (synthetic siblings attached with `set_synthetic_images`).
+        train_dataset: a `FewShotDataset`; its synthetic set (`set_synthetic_images`) gives the synthetic siblings,
+            their draw probabilities and their loss weights (the batch loss is the mean of weight × cross-entropy).
         val_dataset: the validation split, evaluated whole once per epoch; None trains without selection (the
             last epoch is kept).
         num_epochs: epochs of `iterations_per_epoch` batches of `batch_size` class-balanced draws.
@@ -623,9 +625,6 @@ def fit(model: nn.Module, train_dataset, val_dataset, *, num_epochs: int, iterat
         device: where to train.
         generator: every draw of the run (images, synthetic replacement, transform parameters) comes from it;
             the caller seeds it (`torch.Generator().manual_seed(seed)`).
-        sample_loss_weights: synthetic image path (str) -> loss weight (filter mode `loss`, from
-            `semantic_aug.stages.filtering.apply_filter_mode`); other images weigh 1. The batch loss is the mean of
-            weight × cross-entropy.
         use_randaugment: the reference's RandAugment chain (a resize, then RandAugment) in place of the crop,
             flip and rotation (None: the training dataset's setting).
         use_cutmix: CutMix within each batch.
@@ -649,8 +648,7 @@ def fit(model: nn.Module, train_dataset, val_dataset, *, num_epochs: int, iterat
 
     # 1. decode every image once onto the device
     started = time.perf_counter()
-    train_data = TrainingData(train_dataset, device, sample_loss_weights, use_randaugment, use_cutmix, num_workers,
-                              progress)
+    train_data = TrainingData(train_dataset, device, use_randaugment, use_cutmix, num_workers, progress)
     evaluator = None
     if val_dataset is not None:
         eval_batch_size = max(batch_size, DEFAULT_EVAL_BATCH_SIZE)

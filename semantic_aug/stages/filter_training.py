@@ -1,0 +1,126 @@
+"""Training DIAGen's filter (contribution c): the classifier behind `train_filter.py` and
+`train_classifier.py --synthetic_filter train`.
+
+The filter is a few-shot classifier on the real training images only (a frozen pretrained backbone under a linear
+head, the shared training loop of `semantic_aug.stages.training`), then calibrated by temperature scaling on the
+validation split and saved where `semantic_aug.stages.filtering.load_filter` finds it. What the filter does with
+synthetic images lives in `semantic_aug.stages.filtering`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from semantic_aug.core.classifiers import FewShotClassifier
+from semantic_aug.core.layout import RunLayout
+from semantic_aug.core.utils import atomic_write_csv, pick_device, restart_marker, set_seed
+from semantic_aug.datasets import create_dataset
+from semantic_aug.datasets.few_shot_dataset import TRAIN_SPLIT
+from semantic_aug.stages.filtering import (FILTER_BACKBONE, TEMPERATURE_ITERATIONS, TEMPERATURE_LR, FilterModel,
+                                           calibration_metrics, fit_temperature, predict_logits,
+                                           save_filter)
+from semantic_aug.stages.training import fit
+
+logger = logging.getLogger(__name__)
+
+
+
+def train_filter(dataset_name: str, seed: int, examples_per_class: int, *, data_dir: str | os.PathLike | None = None,
+                 backbone: str = FILTER_BACKBONE, models_root: str | os.PathLike = "models",
+                 logdir: str | os.PathLike = "logs", iterations_per_epoch: int = 200, max_epochs: int = 50,
+                 batch_size: int = 16, lr: float = 1e-4, weight_decay: float = 1e-2,
+                 early_stopping_patience: int | None = 6, image_size: int = 256, use_randaugment: bool = True,
+                 temperature_lr: float = TEMPERATURE_LR, temperature_iterations: int = TEMPERATURE_ITERATIONS,
+                 overwrite: bool = False, bad_images: str = "error", device: str | torch.device | None = None,
+                 train_pool_size: int | None = None,
+                 progress: bool = True) -> Path:
+    """Train, calibrate and save the filter of one (dataset, seed, examples_per_class) run, as the reference did.
+
+    Steps: the real few-shot training split only (RandAugment on), a frozen pretrained backbone plus a linear
+    head trained with the shared loop (class-balanced sampling, Adam with L2 weight decay as the reference, early
+    stopping on the mean per-class validation loss, best epoch kept as a copy); temperature scaling on the validation logits;
+    NLL and ECE before and after calibration logged to `{logdir}/calibration_filter_{dataset}_{seed}_{epc}.csv`
+    and the training curves to `{logdir}/train_filter_{dataset}_{seed}_{epc}.csv`.
+
+    Args:
+        dataset_name: registered dataset (`custom_coco`, `coco`, `focus`).
+        seed: seeds the few-shot selection, the sampler and the initialisation.
+        examples_per_class: real training images per class.
+        data_dir: the dataset's folder (None: its default / environment variable).
+        backbone: classifier backbone name (`efficientnet_lite0`, `resnet50`, `deit`, ...).
+        models_root: folder of the saved filter (`RunLayout.filter`).
+        logdir: folder of the CSV logs.
+        iterations_per_epoch: batches per epoch.
+        max_epochs: upper bound on epochs (early stopping usually ends sooner).
+        batch_size: images per batch.
+        lr: learning rate of the head.
+        weight_decay: Adam's (coupled, L2) weight decay, as the reference.
+        early_stopping_patience: stop after this many epochs without a lower validation loss (None: never).
+        image_size: side of the square input images in pixels.
+        use_randaugment: add RandAugment to the training transform (the reference did).
+        temperature_lr: LBFGS learning rate of temperature scaling.
+        temperature_iterations: LBFGS iterations of temperature scaling.
+        overwrite: retrain even if the filter file exists (otherwise an existing filter is kept: resume).
+        bad_images: `error` or `skip` for empty/corrupt image files (see `FewShotDataset`).
+        train_pool_size: the split rule the classifier uses (`--train-pool-size`; None: the dataset's).
+        device: `cpu`, `cuda`, `cuda:1`, a GPU index, or None for CUDA when present.
+        progress: show progress bars.
+
+    Returns:
+        The path of the saved filter.
+    """
+    layout = RunLayout(dataset_name, seed, examples_per_class, models_root=models_root)
+    path = layout.filter
+    if path.is_file() and not overwrite:
+        logger.info("filter %s exists; keeping it (pass overwrite / --overwrite to retrain)", path)
+        return path
+    logs = layout.filter_logs(logdir)
+    with restart_marker(path, f"filter {layout.run_id}: training", logs):
+        device = device if isinstance(device, torch.device) else pick_device(device)
+        set_seed(seed)
+
+        # 1. the real images: the few-shot training split (with RandAugment) and the whole validation split
+        train_dataset = create_dataset(dataset_name, split=TRAIN_SPLIT, examples_per_class=examples_per_class,
+                                       seed=seed,
+                                       data_dir=data_dir, image_size=image_size, use_randaugment=use_randaugment,
+                                       bad_images=bad_images, train_pool_size=train_pool_size)
+        val_dataset = create_dataset(dataset_name, split="val", seed=seed, data_dir=data_dir, image_size=image_size,
+                                     bad_images=bad_images, train_pool_size=train_pool_size)
+        logger.info("filter %s seed %d epc %d: %d training / %d validation images, %s, up to %d epochs x %d batches "
+                    "of %d",
+                    dataset_name, seed, examples_per_class, len(train_dataset), len(val_dataset), backbone, max_epochs,
+                    iterations_per_epoch, batch_size)
+
+        # 2. a linear head on the frozen backbone, best epoch by mean per-class validation loss
+        classifier = FewShotClassifier(backbone, train_dataset.num_classes)
+        result = fit(classifier, train_dataset, val_dataset, num_epochs=max_epochs,
+                     iterations_per_epoch=iterations_per_epoch, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                     select_by="loss", early_stopping_patience=early_stopping_patience, device=device,
+                     generator=torch.Generator().manual_seed(seed), use_randaugment=use_randaugment, progress=progress)  # returns with the best epoch's weights loaded
+
+        # 3. temperature scaling on the validation logits of the best epoch
+        logits, labels = predict_logits(classifier, val_dataset, device, batch_size=max(batch_size, 64),
+                                        progress=progress)
+        log_temperature = fit_temperature(logits, labels, lr=temperature_lr, max_iter=temperature_iterations)
+        before = calibration_metrics(logits, labels)
+        after = calibration_metrics(logits, labels, math.exp(log_temperature))
+        calibration = {"dataset": dataset_name, "seed": seed, "examples_per_class": examples_per_class,
+                       "backbone": backbone, "best_epoch": result.best_epoch, "temperature": math.exp(log_temperature),
+                       "nll_before": before["nll"], "nll_after": after["nll"],
+                       "ece_before": before["ece"], "ece_after": after["ece"]}
+        logger.info("filter calibrated: T = %.3f, NLL %.4f -> %.4f, ECE %.4f -> %.4f", calibration["temperature"],
+                    before["nll"], after["nll"], before["ece"], after["ece"])
+
+        # 4. logs and the filter, each written atomically
+        atomic_write_csv(result.history, logs[0])
+        atomic_write_csv(pd.DataFrame([calibration]), logs[1])
+        save_filter(FilterModel(classifier.cpu(), log_temperature, train_dataset.class_names, image_size), path,
+                    metadata=calibration)
+        logger.info("saved filter to %s", path)
+    return path
