@@ -202,6 +202,16 @@ def test_the_weightless_augmentation_plans_the_same_set(dataset, augmentation, t
                 build(toy, dtype=dtype).sampler.settings())
 
 
+@pytest.mark.parametrize("model", ["tiny-sd2", "tiny-sdxl"])
+def test_the_weightless_sampler_has_the_loaded_settings_in_every_family(toy, model):
+    """SD 2.x and SDXL (two encoders, the pipeline's flags) give the fingerprint of the loaded model too."""
+    loaded = build(toy, aug=("real-guidance",), model_path=model).sampler
+    planner = build(toy, aug=("real-guidance",), model_path=model, load_weights=False).sampler
+    assert all(p.device.type == "meta" for p in planner.unet.parameters())
+    assert planner.settings() == loaded.settings()
+    assert (planner.text_encoder_2 is None) == (model != "tiny-sdxl")
+
+
 def no_model():
     raise AssertionError("the diffusion model was loaded")
 

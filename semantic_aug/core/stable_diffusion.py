@@ -502,14 +502,15 @@ def load_stable_diffusion_configs(name_or_path: str = TINY_MODEL_NAME, dtype: to
         dtype: the weight dtype `load_stable_diffusion` would load with (the text encoder's config records it).
 
     Returns:
-        A namespace with `unet`, `vae`, `text_encoder`, `tokenizer` and `scheduler`, as a pipeline has them.
+        A namespace with `unet`, `vae`, `text_encoder`, `tokenizer`, `scheduler` and `config` (with SDXL also
+        `text_encoder_2` and `tokenizer_2`), as a pipeline has them.
     """
     import importlib
     import json
     from types import SimpleNamespace
 
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     folder = Path(resolve_model_path(name_or_path))
     if not folder.is_dir():  # a hub id: the folder `from_pretrained` reads (downloaded once, as it would be)
@@ -523,12 +524,20 @@ def load_stable_diffusion_configs(name_or_path: str = TINY_MODEL_NAME, dtype: to
             model = loader.from_config(loader.load_config(folder / name))
             model.register_to_config(_name_or_path=str(folder / name))
             parts[name] = model  # a diffusers config records no dtype
-        config = CLIPTextConfig.from_pretrained(folder / "text_encoder")
-        config.dtype = dtype
-        parts["text_encoder"] = CLIPTextModel(config).to(dtype)
-    parts["text_encoder"].config._name_or_path = str(folder / "text_encoder")
+        # SDXL's second encoder is the one with the projection (its pooled output conditions the UNet)
+        encoders = [("text_encoder", CLIPTextModel)] + \
+            ([("text_encoder_2", CLIPTextModelWithProjection)] if "text_encoder_2" in index else [])
+        for name, model_class in encoders:
+            config = CLIPTextConfig.from_pretrained(folder / name)
+            config.dtype = dtype
+            parts[name] = model_class(config).to(dtype)
+    for name, _ in encoders:
+        parts[name].config._name_or_path = str(folder / name)
     library, class_name = index["scheduler"]
     scheduler_class = getattr(importlib.import_module(library), class_name)
     parts["scheduler"] = scheduler_class.from_pretrained(folder, subfolder="scheduler")
-    parts["tokenizer"] = CLIPTokenizer.from_pretrained(folder / "tokenizer", model_max_length=CLIP_MAX_LENGTH)
+    for name in ("tokenizer", "tokenizer_2"):
+        if name in index:
+            parts[name] = CLIPTokenizer.from_pretrained(folder / name, model_max_length=CLIP_MAX_LENGTH)
+    parts["config"] = {key: value for key, value in index.items() if not isinstance(value, list)}  # pipeline flags
     return SimpleNamespace(**parts)
