@@ -41,7 +41,8 @@ from semantic_aug.stages.filtering import (DEFAULT_FILTER_MODE, FILTER_BACKBONE,
                                    FILTER_MODES)
 from semantic_aug.core.layout import DEFAULT_EMBED_PATH, DEFAULT_LOGDIR, DEFAULT_SYNTHETIC_DIR, NOISY_EMBED_PATH, RunLayout
 from semantic_aug.core.stable_diffusion import enable_compile_cache
-from semantic_aug.stages.training import default_num_workers, evaluate, fit, load_classifier, save_classifier
+from semantic_aug.stages.training import (FitOptions, default_num_workers, evaluate, fit, load_classifier,
+                                          save_classifier)
 from semantic_aug.core.utils import (DTYPES, HelpFormatter, UserError, atomic_write_csv, check_flag_minimum,
                                 pick_device, restart_marker, run_cli, set_seed, str2bool)
 
@@ -328,14 +329,15 @@ def generate_synthetic(args: argparse.Namespace, run: Run, train_dataset, device
 def attach_synthetic_images(args: argparse.Namespace, run: Run, train_dataset, synthetic_set, device: torch.device):
     """Give the training split its synthetic set, weighted by DIAGen's filter if asked (the filter's one hook)."""
     if args.synthetic_filter:
-        from semantic_aug.stages.filter_training import train_filter
+        from semantic_aug.stages.filter_training import FilterTrainingOptions, train_filter
         from semantic_aug.stages.filtering import filter_mode_weights, filter_scores, load_filter
 
         if args.synthetic_filter == "train":  # trained like the classifier, on the same real images (kept if it exists)
-            train_filter(args.dataset, run.seed, run.examples_per_class, data_dir=args.data_dir,
-                         backbone=args.filter_backbone, models_root=run.layout.models_root, logdir=run.layout.logdir,
-                         iterations_per_epoch=args.iterations_per_epoch, max_epochs=args.num_epochs,
-                         batch_size=args.batch_size, image_size=args.image_size, bad_images=args.bad_images,
+            options = FilterTrainingOptions(backbone=args.filter_backbone, iterations_per_epoch=args.iterations_per_epoch,
+                                            max_epochs=args.num_epochs, batch_size=args.batch_size,
+                                            image_size=args.image_size)
+            train_filter(args.dataset, run.seed, run.examples_per_class, options, data_dir=args.data_dir,
+                         models_root=run.layout.models_root, logdir=run.layout.logdir, bad_images=args.bad_images,
                          train_pool_size=args.train_pool_size, device=device)
         filter_model = load_filter(run.layout.filter, device)
         scores = filter_scores(filter_model, synthetic_set.manifest, train_dataset, seed=run.seed, device=device)
@@ -352,10 +354,10 @@ def data_dir_of(dataset, args: argparse.Namespace) -> str | None:
 
 def train(args: argparse.Namespace, run: Run, model, train_dataset, val_dataset, device: torch.device):
     """Fit the classifier (best epoch kept), write the results CSV and, with --save_model, the model."""
-    result = fit(model, train_dataset, val_dataset, num_epochs=args.num_epochs,
-                 iterations_per_epoch=args.iterations_per_epoch, batch_size=args.batch_size, device=device,
-                 generator=torch.Generator().manual_seed(run.seed), use_cutmix=args.use_cutmix,
-                 num_workers=args.num_workers)
+    options = FitOptions(num_epochs=args.num_epochs, iterations_per_epoch=args.iterations_per_epoch,
+                         batch_size=args.batch_size, use_cutmix=args.use_cutmix, num_workers=args.num_workers)
+    result = fit(model, train_dataset, val_dataset, options, device=device,
+                 generator=torch.Generator().manual_seed(run.seed))
     logger.info("%s: best epoch %d, mean per-class validation accuracy %.2f%%", run.name, result.best_epoch,
                 100 * result.best_value)
     atomic_write_csv(result.history, run.layout.results_csv)

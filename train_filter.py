@@ -21,7 +21,7 @@ import logging
 
 from semantic_aug.core.classifiers import list_backbones
 from semantic_aug.datasets import add_dataset_arguments, check_dataset_arguments
-from semantic_aug.stages.filter_training import train_filter
+from semantic_aug.stages.filter_training import FilterTrainingOptions, train_filter
 from semantic_aug.stages.filtering import FILTER_BACKBONE, TEMPERATURE_ITERATIONS, TEMPERATURE_LR
 from semantic_aug.core.utils import HelpFormatter, check_flag_minimum, run_cli
 
@@ -72,16 +72,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     check_dataset_arguments(args, args.examples_per_class)
+    options = FilterTrainingOptions(
+        backbone=args.classifier_backbone, iterations_per_epoch=args.iterations_per_epoch, max_epochs=args.max_epochs,
+        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        early_stopping_patience=args.early_stopping_patience or None, image_size=args.image_size,
+        use_randaugment=args.use_randaugment, temperature_lr=args.temperature_lr,
+        temperature_iterations=args.temperature_iterations)
     for seed in args.seeds:
         for examples_per_class in args.examples_per_class:
-            path = train_filter(
-                args.dataset, seed, examples_per_class, data_dir=args.data_dir, backbone=args.classifier_backbone,
-                models_root=args.models_root, logdir=args.logdir, iterations_per_epoch=args.iterations_per_epoch,
-                max_epochs=args.max_epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                early_stopping_patience=args.early_stopping_patience or None, image_size=args.image_size,
-                use_randaugment=args.use_randaugment, temperature_lr=args.temperature_lr,
-                temperature_iterations=args.temperature_iterations, overwrite=args.overwrite,
-                bad_images=args.bad_images, train_pool_size=args.train_pool_size, device=args.device)
+            path = train_filter(args.dataset, seed, examples_per_class, options, data_dir=args.data_dir,
+                                models_root=args.models_root, logdir=args.logdir, overwrite=args.overwrite,
+                                bad_images=args.bad_images, train_pool_size=args.train_pool_size, device=args.device)
             logger.info("filter ready: %s", path)
 
 

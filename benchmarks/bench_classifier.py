@@ -32,7 +32,7 @@ from PIL import Image
 
 from semantic_aug.core.classifiers import FewShotClassifier, list_backbones
 from semantic_aug.datasets.few_shot_dataset import FolderFewShotDataset
-from semantic_aug.stages.training import autocast, default_num_workers, fit, to_model_layout
+from semantic_aug.stages.training import FitOptions, autocast, default_num_workers, fit, to_model_layout
 from semantic_aug.stages.synthetic import SyntheticSet
 from semantic_aug.core.utils import pick_device, run_cli
 
@@ -146,9 +146,9 @@ def main(args: argparse.Namespace) -> None:
             model = FewShotClassifier(args.backbone, args.num_classes, finetune_backbone=mode == "finetune",
                                       pretrained=False)
             started = time.perf_counter()
-            result = fit(model, train, val, num_epochs=args.num_epochs, iterations_per_epoch=args.iterations_per_epoch,
-                         batch_size=args.batch_size, device=device, generator=torch.Generator().manual_seed(0),
-                         num_workers=args.num_workers, progress=False)
+            options = FitOptions(num_epochs=args.num_epochs, iterations_per_epoch=args.iterations_per_epoch,
+                                 batch_size=args.batch_size, num_workers=args.num_workers, progress=False)
+            result = fit(model, train, val, options, device=device, generator=torch.Generator().manual_seed(0))
             total = time.perf_counter() - started
             timings = result.timings
             per_epoch = args.iterations_per_epoch * args.batch_size

@@ -13,8 +13,8 @@ from torch import nn
 from semantic_aug.core.layout import RunLayout
 from semantic_aug.core.classifiers import BACKBONES, Backbone, FewShotClassifier, register_backbone
 from semantic_aug.datasets.few_shot_dataset import FolderFewShotDataset, build_transform
-from semantic_aug.stages.training import (CACHE_SCALE, RESULTS_COLUMNS, TEST_COLUMNS, TrainingData, build_image_cache,
-                                   cache_dataset, evaluate, fit, load_classifier, make_optimizer,
+from semantic_aug.stages.training import (CACHE_SCALE, RESULTS_COLUMNS, TEST_COLUMNS, FitOptions, TrainingData,
+                                   build_image_cache, cache_dataset, evaluate, fit, load_classifier, make_optimizer,
                                    sample_crop_boxes, save_classifier, warp_images)
 from semantic_aug.core.utils import UserError
 from semantic_aug.stages.synthetic import SyntheticSet
@@ -83,9 +83,9 @@ def mean_colour_model(correct_margin: float = 1.0) -> FewShotClassifier:
 
 
 def short_fit(model, train, val, **kwargs):
-    options = dict(num_epochs=2, iterations_per_epoch=3, batch_size=8, device="cpu",
-                   generator=torch.Generator().manual_seed(0), progress=False)
-    return fit(model, train, val, **{**options, **kwargs})
+    """`fit` on the CPU for 2 epochs of 3 batches of 8, seed 0; `kwargs` override `FitOptions` fields."""
+    options = FitOptions(**{**dict(num_epochs=2, iterations_per_epoch=3, batch_size=8, progress=False), **kwargs})
+    return fit(model, train, val, options, device="cpu", generator=torch.Generator().manual_seed(0))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -599,20 +599,11 @@ def _is_improvement(value: float, best: float | None, select_by: str) -> bool:
     return value > best if select_by == "accuracy" else value < best
 
 
-def fit(model: nn.Module, train_dataset, val_dataset, *, num_epochs: int, iterations_per_epoch: int, batch_size: int,
-        lr: float = 1e-4, weight_decay: float = 0.0, select_by: str = "accuracy",
-        early_stopping_patience: int | None = None, device: torch.device | str, generator: torch.Generator,
-        use_randaugment: bool | None = None, use_cutmix: bool = False, num_workers: int | None = None,
-        progress: bool = True) -> FitResult:
-    """Train `model` on the few-shot split and keep its best epoch (the reference's train_classifier.py loop).
+@dataclass(frozen=True)
+class FitOptions:
+    """The hyperparameters of `fit` (the reference train_classifier.py's training flags).
 
-    Args:
-        model: maps [0, 1] images (N, 3, S, S) to logits; a `FewShotClassifier` gets its frozen backbone kept in
-            eval mode and its validation features computed once.
-        train_dataset: a `FewShotDataset`; its synthetic set (`set_synthetic_images`) gives the synthetic siblings,
-            their draw probabilities and their loss weights (the batch loss is the mean of weight × cross-entropy).
-        val_dataset: the validation split, evaluated whole once per epoch; None trains without selection (the
-            last epoch is kept).
+    Attributes:
         num_epochs: epochs of `iterations_per_epoch` batches of `batch_size` class-balanced draws.
         iterations_per_epoch: batches per epoch.
         batch_size: draws per batch.
@@ -622,106 +613,187 @@ def fit(model: nn.Module, train_dataset, val_dataset, *, num_epochs: int, iterat
         select_by: `accuracy` keeps the epoch of the highest mean per-class val accuracy, `loss` of the lowest
             mean per-class val loss (the filter's rule); ties keep the earlier epoch.
         early_stopping_patience: stop after this many epochs without improvement (None: never).
-        device: where to train.
-        generator: every draw of the run (images, synthetic replacement, transform parameters) comes from it;
-            the caller seeds it (`torch.Generator().manual_seed(seed)`).
         use_randaugment: the reference's RandAugment chain (a resize, then RandAugment) in place of the crop,
             flip and rotation (None: the training dataset's setting).
         use_cutmix: CutMix within each batch.
-        num_workers: image-decoding threads.
+        num_workers: image-decoding threads (None: `default_num_workers()`).
         progress: show a progress bar.
+    """
+
+    num_epochs: int
+    iterations_per_epoch: int
+    batch_size: int
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    select_by: str = "accuracy"
+    early_stopping_patience: int | None = None
+    use_randaugment: bool | None = None
+    use_cutmix: bool = False
+    num_workers: int | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.select_by not in SELECT_BY:
+            raise ValueError(f"select_by must be one of {SELECT_BY}, got {self.select_by!r}")
+        if self.num_epochs < 1 or self.iterations_per_epoch < 1 or self.batch_size < 1:
+            raise UserError(f"num_epochs, iterations_per_epoch and batch_size must be at least 1, got "
+                            f"{self.num_epochs}, {self.iterations_per_epoch}, {self.batch_size}")
+
+    @property
+    def draws_per_epoch(self) -> int:
+        return self.batch_size * self.iterations_per_epoch
+
+
+@dataclass
+class _BestEpoch:
+    """The selection rule: the best epoch so far, its metric and a real copy of its weights."""
+
+    select_by: str
+    state: dict[str, torch.Tensor] | None = None
+    epoch: int = -1
+    value: float | None = None
+
+    def keep_last(self, model: nn.Module, epoch: int) -> None:
+        """Without a validation split every epoch replaces the previous one (the last is kept)."""
+        self.state, self.epoch = _deep_copy_state(model), epoch
+
+    def offer(self, model: nn.Module, epoch: int, val_metrics: ClassMetrics) -> None:
+        """Keep this epoch if its validation metric strictly improves on the best so far."""
+        value = val_metrics.mean_accuracy if self.select_by == "accuracy" else val_metrics.mean_loss
+        if _is_improvement(value, self.value, self.select_by):
+            self.state, self.epoch, self.value = _deep_copy_state(model), epoch, value
+
+    def patience_exhausted(self, epoch: int, patience: int | None) -> bool:
+        return patience is not None and epoch - self.epoch >= patience
+
+
+def _prepare_model(model: nn.Module, device: torch.device) -> list[nn.Parameter]:
+    """Move `model` to `device` in channels_last and return its trainable parameters."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels once
+    model.to(device, memory_format=torch.channels_last)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if not parameters:
+        raise ValueError("the model has no trainable parameters")
+    return parameters
+
+
+def _decode_splits(model: nn.Module, train_dataset, val_dataset, options: FitOptions,
+                   device: torch.device) -> tuple[TrainingData, _SplitEvaluator | None]:
+    """The training images (with their synthetic siblings) and the validation split, decoded onto `device`."""
+    train_data = TrainingData(train_dataset, device, options.use_randaugment, options.use_cutmix, options.num_workers,
+                              options.progress)
+    if val_dataset is None:
+        return train_data, None
+    eval_batch_size = max(options.batch_size, DEFAULT_EVAL_BATCH_SIZE)
+    evaluator = _SplitEvaluator(model, cache_dataset(val_dataset, device, options.num_workers, options.progress),
+                                val_dataset.labels, len(train_dataset.class_names), eval_batch_size)
+    return train_data, evaluator
+
+
+def _train_epoch(model: nn.Module, train_data: TrainingData, optimizer: torch.optim.Optimizer, options: FitOptions,
+                 generator: torch.Generator, num_classes: int, device: torch.device, bar: tqdm) -> ClassMetrics:
+    """One epoch of class-balanced draws; returns its per-class training loss and accuracy."""
+    model.train()
+    draws = train_data.draw_epoch(options.draws_per_epoch, options.batch_size, generator)
+    sums = torch.zeros((3, num_classes), device=device)
+    for iteration in range(options.iterations_per_epoch):
+        rows = draws.rows(iteration * options.batch_size, (iteration + 1) * options.batch_size)
+        images, labels, partner_labels, kept = train_data.batch(rows)
+        with autocast(device):
+            logits = model(to_model_layout(images))
+        logits = logits.float()
+        loss_per_sample = kept * F.cross_entropy(logits, labels, reduction="none")
+        if train_data.use_cutmix:
+            loss_per_sample = loss_per_sample + (1 - kept) * F.cross_entropy(logits, partner_labels,
+                                                                             reduction="none")
+        loss = (rows.loss_weights * loss_per_sample).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        sums += _class_sums(loss_per_sample, logits.argmax(dim=1) == labels, labels, num_classes)
+        bar.update(1)
+    return ClassMetrics.from_sums(sums)  # the epoch's one host sync
+
+
+def _history_table(records: list[tuple], seed: int, examples_per_class: int | None) -> pd.DataFrame:
+    """The reference's results table (`RESULTS_COLUMNS`) from (epoch, value, metric, split) records."""
+    return pd.DataFrame.from_records(
+        [(i, seed, examples_per_class, epoch, value, metric, split)
+         for i, (epoch, value, metric, split) in enumerate(records)], columns=RESULTS_COLUMNS)
+
+
+def fit(model: nn.Module, train_dataset, val_dataset, options: FitOptions, *, device: torch.device | str,
+        generator: torch.Generator) -> FitResult:
+    """Train `model` on the few-shot split and keep its best epoch (the reference's train_classifier.py loop).
+
+    Args:
+        model: maps [0, 1] images (N, 3, S, S) to logits; a `FewShotClassifier` gets its frozen backbone kept in
+            eval mode and its validation features computed once.
+        train_dataset: a `FewShotDataset`; its synthetic set (`set_synthetic_images`) gives the synthetic siblings,
+            their draw probabilities and their loss weights (the batch loss is the mean of weight × cross-entropy).
+        val_dataset: the validation split, evaluated whole once per epoch; None trains without selection (the
+            last epoch is kept).
+        options: the training hyperparameters (`FitOptions`).
+        device: where to train.
+        generator: every draw of the run (images, synthetic replacement, transform parameters) comes from it;
+            the caller seeds it (`torch.Generator().manual_seed(seed)`).
 
     Returns:
         A `FitResult`; the model holds the best epoch's weights on `device`.
     """
-    if select_by not in SELECT_BY:
-        raise ValueError(f"select_by must be one of {SELECT_BY}, got {select_by!r}")
-    if num_epochs < 1 or iterations_per_epoch < 1 or batch_size < 1:
-        raise UserError(f"num_epochs, iterations_per_epoch and batch_size must be at least 1, got "
-                        f"{num_epochs}, {iterations_per_epoch}, {batch_size}")
     device = torch.device(device)
     class_names = list(train_dataset.class_names)
     num_classes = len(class_names)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels once
-    model.to(device, memory_format=torch.channels_last)
+    parameters = _prepare_model(model, device)
 
     # 1. decode every image once onto the device
     started = time.perf_counter()
-    train_data = TrainingData(train_dataset, device, use_randaugment, use_cutmix, num_workers, progress)
-    evaluator = None
-    if val_dataset is not None:
-        eval_batch_size = max(batch_size, DEFAULT_EVAL_BATCH_SIZE)
-        evaluator = _SplitEvaluator(model, cache_dataset(val_dataset, device, num_workers, progress),
-                                    val_dataset.labels, num_classes, eval_batch_size)
+    train_data, evaluator = _decode_splits(model, train_dataset, val_dataset, options, device)
     timings = {"decode_seconds": time.perf_counter() - started, "train_seconds": 0.0, "val_seconds": 0.0,
                "epoch_train_seconds": [], "train_images": 0}
-
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    if not parameters:
-        raise ValueError("the model has no trainable parameters")
-    optimizer = make_optimizer(parameters, lr, weight_decay, device)
+    optimizer = make_optimizer(parameters, options.lr, options.weight_decay, device)
     logger.info("training: %d real + %d synthetic images (synthetic_probability %.2f), %d classes, %d epochs x %d "
                 "iterations x batch %d, device %s", len(train_data.real_labels), train_data.num_synthetic_images,
-                train_data.synthetic_probability, num_classes, num_epochs, iterations_per_epoch, batch_size, device)
+                train_data.synthetic_probability, num_classes, options.num_epochs, options.iterations_per_epoch,
+                options.batch_size, device)
 
     # 2. epochs of class-balanced draws, each followed by one pass over the whole validation split
     records: list[tuple] = []
-    examples_per_class = getattr(train_dataset, "examples_per_class", None)
-    best_state, best_epoch, best_value = None, -1, None
-    bar = tqdm(total=num_epochs * iterations_per_epoch, desc="train", disable=not progress, unit="it")
+    best = _BestEpoch(options.select_by)
+    bar = tqdm(total=options.num_epochs * options.iterations_per_epoch, desc="train", disable=not options.progress,
+               unit="it")
     timer = StageTimer("training", "iterations")
-    for epoch in range(num_epochs):
+    for epoch in range(options.num_epochs):
         started = time.perf_counter()
-        model.train()
-        draws = train_data.draw_epoch(batch_size * iterations_per_epoch, batch_size, generator)
-        sums = torch.zeros((3, num_classes), device=device)
-        for iteration in range(iterations_per_epoch):
-            rows = draws.rows(iteration * batch_size, (iteration + 1) * batch_size)
-            images, labels, partner_labels, kept = train_data.batch(rows)
-            with autocast(device):
-                logits = model(to_model_layout(images))
-            logits = logits.float()
-            loss_per_sample = kept * F.cross_entropy(logits, labels, reduction="none")
-            if train_data.use_cutmix:
-                loss_per_sample = loss_per_sample + (1 - kept) * F.cross_entropy(logits, partner_labels,
-                                                                                 reduction="none")
-            loss = (rows.loss_weights * loss_per_sample).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            sums += _class_sums(loss_per_sample, logits.argmax(dim=1) == labels, labels, num_classes)
-            bar.update(1)
-        train_metrics = ClassMetrics.from_sums(sums)  # the epoch's one host sync
-        timer.step(iterations_per_epoch)
+        train_metrics = _train_epoch(model, train_data, optimizer, options, generator, num_classes, device, bar)
+        timer.step(options.iterations_per_epoch)
         timings["epoch_train_seconds"].append(time.perf_counter() - started)
-        timings["train_images"] += batch_size * iterations_per_epoch
+        timings["train_images"] += options.draws_per_epoch
         records += [(epoch, value, metric, "Training") for value, metric in metric_rows(train_metrics, class_names)]
 
+        # 3. validation and selection of the best epoch
         if evaluator is None:
-            best_state, best_epoch = _deep_copy_state(model), epoch
+            best.keep_last(model, epoch)
             continue
         started = time.perf_counter()
         val_metrics = evaluator()
         timings["val_seconds"] += time.perf_counter() - started
         records += [(epoch, value, metric, "Validation") for value, metric in metric_rows(val_metrics, class_names)]
-        value = val_metrics.mean_accuracy if select_by == "accuracy" else val_metrics.mean_loss
-        if _is_improvement(value, best_value, select_by):
-            best_state, best_epoch, best_value = _deep_copy_state(model), epoch, value
-        bar.set_postfix(val_accuracy=f"{val_metrics.mean_accuracy:.3f}", best_epoch=best_epoch)
-        if early_stopping_patience is not None and epoch - best_epoch >= early_stopping_patience:
-            logger.info("early stopping after epoch %d: no improvement since epoch %d", epoch, best_epoch)
+        best.offer(model, epoch, val_metrics)
+        bar.set_postfix(val_accuracy=f"{val_metrics.mean_accuracy:.3f}", best_epoch=best.epoch)
+        if best.patience_exhausted(epoch, options.early_stopping_patience):
+            logger.info("early stopping after epoch %d: no improvement since epoch %d", epoch, best.epoch)
             break
     bar.close()
     timings["train_seconds"] = float(sum(timings["epoch_train_seconds"]))
     logger.info("%s (validation %.1f s of it)", timer.summary(), timings["val_seconds"])
 
-    model.load_state_dict(best_state)
-    history = pd.DataFrame.from_records(
-        [(i, generator.initial_seed(), examples_per_class, epoch, value, metric, split)
-         for i, (epoch, value, metric, split) in enumerate(records)], columns=RESULTS_COLUMNS)
-    return FitResult(best_state_dict=best_state, best_epoch=best_epoch, history=history,
-                     best_value=math.nan if best_value is None else best_value, timings=timings)
+    # 4. the best epoch's weights back into the model
+    model.load_state_dict(best.state)
+    history = _history_table(records, generator.initial_seed(), getattr(train_dataset, "examples_per_class", None))
+    return FitResult(best_state_dict=best.state, best_epoch=best.epoch, history=history,
+                     best_value=math.nan if best.value is None else best.value, timings=timings)
 
 
 def evaluate(model: nn.Module, dataset, device: torch.device | str, batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
