@@ -69,15 +69,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(args: argparse.Namespace) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    check_dataset_arguments(args, args.examples_per_class)
-    options = FilterTrainingOptions(
+def filter_options(args: argparse.Namespace) -> FilterTrainingOptions:
+    """The filter's hyperparameters from the flags (`--early-stopping-patience 0`: no early stopping)."""
+    return FilterTrainingOptions(
         backbone=args.classifier_backbone, iterations_per_epoch=args.iterations_per_epoch, max_epochs=args.max_epochs,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         early_stopping_patience=args.early_stopping_patience or None, image_size=args.image_size,
         use_randaugment=args.use_randaugment, temperature_lr=args.temperature_lr,
         temperature_iterations=args.temperature_iterations)
+
+
+def main(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    check_dataset_arguments(args, args.examples_per_class)
+    options = filter_options(args)
     for seed in args.seeds:
         for examples_per_class in args.examples_per_class:
             path = train_filter(args.dataset, seed, examples_per_class, options, data_dir=args.data_dir,

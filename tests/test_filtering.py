@@ -15,6 +15,7 @@ from semantic_aug.stages.filtering import (FILTER_CONFIDENCE_THRESHOLD, FilterMo
                                            expected_calibration_error, filter_mode_weights, filter_scores,
                                            filter_weights, fit_temperature, load_filter, normalise_sibling_weights,
                                            save_filter, score_synthetic_images, scoring_transform)
+from semantic_aug.stages.filter_training import FilterTrainingOptions, train_filter
 from semantic_aug.stages.synthetic import SyntheticSet
 from semantic_aug.core.layout import RunLayout
 from semantic_aug.datasets import dataset_key
@@ -338,6 +339,18 @@ def test_train_filter_cli_rejects_bad_flags(capsys):
     with pytest.raises(SystemExit) as exit_info:
         script.parse_args(["--max-epochs", "0"])
     assert exit_info.value.code == 2 and "--max-epochs must be at least 1" in capsys.readouterr().err
+
+
+def test_train_filter_flag_defaults_are_the_options_defaults():
+    script = load_train_filter_script()
+    assert script.filter_options(script.parse_args([])) == FilterTrainingOptions()
+
+
+def test_train_filter_checks_its_options_before_reading_images(tmp_path):
+    with pytest.raises(UserError, match="batch_size must be at least 1, got 50, 200, 0"):
+        train_filter("custom_coco", 0, 1, FilterTrainingOptions(batch_size=0), data_dir=tmp_path / "missing",
+                     models_root=tmp_path / "models", logdir=tmp_path / "logs", device="cpu")
+    assert not (tmp_path / "models").exists() and not (tmp_path / "logs").exists()
 
 
 def check_layout(work) -> RunLayout:

@@ -307,6 +307,13 @@ def test_fit_keeps_the_best_epoch_not_the_last(tmp_path):
     assert result.best_state_dict["head.weight"].data_ptr() != model.head.weight.data_ptr()  # a copy
 
 
+def test_fit_options_reject_impossible_values():
+    with pytest.raises(UserError, match="must be at least 1, got 0, 3, 8"):
+        FitOptions(num_epochs=0, iterations_per_epoch=3, batch_size=8)
+    with pytest.raises(ValueError, match="select_by must be one of"):
+        FitOptions(num_epochs=1, iterations_per_epoch=3, batch_size=8, select_by="f1")
+
+
 @pytest.mark.parametrize("select_by", ["accuracy", "loss"])
 def test_ties_keep_the_first_epoch_and_patience_stops(colours, select_by):
     train = Colours(data_dir=colours, examples_per_class=2, image_size=IMAGE_SIZE)
