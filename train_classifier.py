@@ -336,9 +336,8 @@ def attach_synthetic_images(args: argparse.Namespace, run: Run, train_dataset, s
             options = FilterTrainingOptions(backbone=args.filter_backbone, iterations_per_epoch=args.iterations_per_epoch,
                                             max_epochs=args.num_epochs, batch_size=args.batch_size,
                                             image_size=args.image_size)
-            train_filter(args.dataset, run.seed, run.examples_per_class, options, data_dir=args.data_dir,
-                         models_root=run.layout.models_root, logdir=run.layout.logdir, bad_images=args.bad_images,
-                         train_pool_size=args.train_pool_size, device=device)
+            train_filter(run.layout, options, data_dir=args.data_dir, logdir=run.layout.logdir,
+                         bad_images=args.bad_images, train_pool_size=args.train_pool_size, device=device)
         filter_model = load_filter(run.layout.filter, device)
         scores = filter_scores(filter_model, synthetic_set.manifest, train_dataset, seed=run.seed, device=device)
         synthetic_set = synthetic_set.with_filter_scores(scores).with_filter_weights(

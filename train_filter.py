@@ -20,6 +20,7 @@ import argparse
 import logging
 
 from semantic_aug.core.classifiers import list_backbones
+from semantic_aug.core.layout import RunLayout
 from semantic_aug.datasets import add_dataset_arguments, check_dataset_arguments
 from semantic_aug.stages.filter_training import FilterTrainingOptions, train_filter
 from semantic_aug.stages.filtering import FILTER_BACKBONE, TEMPERATURE_ITERATIONS, TEMPERATURE_LR
@@ -85,8 +86,8 @@ def main(args: argparse.Namespace) -> None:
     options = filter_options(args)
     for seed in args.seeds:
         for examples_per_class in args.examples_per_class:
-            path = train_filter(args.dataset, seed, examples_per_class, options, data_dir=args.data_dir,
-                                models_root=args.models_root, logdir=args.logdir, overwrite=args.overwrite,
+            layout = RunLayout(args.dataset, seed, examples_per_class, models_root=args.models_root)
+            path = train_filter(layout, options, data_dir=args.data_dir, logdir=args.logdir, overwrite=args.overwrite,
                                 bad_images=args.bad_images, train_pool_size=args.train_pool_size, device=args.device)
             logger.info("filter ready: %s", path)
 

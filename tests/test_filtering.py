@@ -348,8 +348,9 @@ def test_train_filter_flag_defaults_are_the_options_defaults():
 
 def test_train_filter_checks_its_options_before_reading_images(tmp_path):
     with pytest.raises(UserError, match="batch_size must be at least 1, got 50, 200, 0"):
-        train_filter("custom_coco", 0, 1, FilterTrainingOptions(batch_size=0), data_dir=tmp_path / "missing",
-                     models_root=tmp_path / "models", logdir=tmp_path / "logs", device="cpu")
+        train_filter(RunLayout("custom_coco", 0, 1, models_root=tmp_path / "models"),
+                     FilterTrainingOptions(batch_size=0), data_dir=tmp_path / "missing", logdir=tmp_path / "logs",
+                     device="cpu")
     assert not (tmp_path / "models").exists() and not (tmp_path / "logs").exists()
 
 

@@ -102,26 +102,22 @@ def _calibrate(classifier: FewShotClassifier, val_dataset, options: FilterTraini
                              "nll_after": after["nll"], "ece_before": before["ece"], "ece_after": after["ece"]}
 
 
-def train_filter(dataset_name: str, seed: int, examples_per_class: int, options: FilterTrainingOptions | None = None,
-                 *, data_dir: str | os.PathLike | None = None, models_root: str | os.PathLike = "models",
-                 logdir: str | os.PathLike = "logs", overwrite: bool = False, bad_images: str = "error",
-                 device: str | torch.device | None = None, train_pool_size: int | None = None,
-                 progress: bool = True) -> Path:
+def train_filter(layout: RunLayout, options: FilterTrainingOptions | None = None, *,
+                 data_dir: str | os.PathLike | None = None, logdir: str | os.PathLike = "logs", overwrite: bool = False,
+                 bad_images: str = "error", device: str | torch.device | None = None,
+                 train_pool_size: int | None = None, progress: bool = True) -> Path:
     """Train, calibrate and save the filter of one (dataset, seed, examples_per_class) run, as the reference did.
 
     Steps: the real few-shot training split only (RandAugment on), a frozen pretrained backbone plus a linear
     head trained with the shared loop (class-balanced sampling, Adam with L2 weight decay as the reference, early
-    stopping on the mean per-class validation loss, best epoch kept as a copy); temperature scaling on the validation logits;
-    NLL and ECE before and after calibration logged to `{logdir}/calibration_filter_{dataset}_{seed}_{epc}.csv`
-    and the training curves to `{logdir}/train_filter_{dataset}_{seed}_{epc}.csv`.
+    stopping on the mean per-class validation loss, best epoch kept as a copy); temperature scaling on the validation
+    logits; NLL and ECE before and after calibration and the training curves logged to the CSVs of
+    `RunLayout.filter_logs(logdir)`.
 
     Args:
-        dataset_name: registered dataset (`custom_coco`, `coco`, `focus`).
-        seed: seeds the few-shot selection, the sampler and the initialisation.
-        examples_per_class: real training images per class.
+        layout: the run (its dataset key, seed and examples per class; the filter goes to `layout.filter`).
         options: the training and calibration hyperparameters (None: `FilterTrainingOptions()`, the reference's).
         data_dir: the dataset's folder (None: its default / environment variable).
-        models_root: folder of the saved filter (`RunLayout.filter`).
         logdir: folder of the CSV logs.
         overwrite: retrain even if the filter file exists (otherwise an existing filter is kept: resume).
         bad_images: `error` or `skip` for empty/corrupt image files (see `FewShotDataset`).
@@ -134,7 +130,7 @@ def train_filter(dataset_name: str, seed: int, examples_per_class: int, options:
     """
     options = options or FilterTrainingOptions()
     fit_options = options.fit_options(progress)  # checks the loop's settings before any image is read
-    layout = RunLayout(dataset_name, seed, examples_per_class, models_root=models_root)
+    dataset_name, seed, examples_per_class = layout.dataset, layout.seed, layout.examples_per_class
     path = layout.filter
     if path.is_file() and not overwrite:
         logger.info("filter %s exists; keeping it (pass overwrite / --overwrite to retrain)", path)
