@@ -301,9 +301,10 @@ def generate_synthetic(args: argparse.Namespace, run: Run, train_dataset, device
     `SyntheticSet`. The diffusion model is loaded only if an image is missing: a complete set (or one a folder of
     the same settings can fill by links) is planned and checked from the model's configs alone."""
     from semantic_aug.acceleration import Acceleration
-    from semantic_aug.stages.synthetic import build_augmentation, generate_synthetic_images
+    from semantic_aug.stages.synthetic import (AugmentationOptions, GenerationOptions, build_augmentation,
+                                               generate_synthetic_images)
 
-    options = dict(
+    options = AugmentationOptions(
         model_path=args.model_path, embed_path=run.embed_path, dataset_name=args.dataset,
         class_names=train_dataset.class_names, prompt=args.prompt, strength=args.strength,
         guidance_scale=args.guidance_scale, mask=args.mask, inverted=args.inverted, probs=args.probs,
@@ -315,12 +316,13 @@ def generate_synthetic(args: argparse.Namespace, run: Run, train_dataset, device
     def generator():
         acceleration = Acceleration(compile=compile_generation(args, device))
         acceleration.configure_process(device)  # cuDNN autotuning on a GPU, for this process
-        return build_augmentation(args.aug, device=device, acceleration=acceleration, **options)
+        return build_augmentation(args.aug, options, device=device, acceleration=acceleration)
 
+    generation = GenerationOptions(batch_size=args.generation_batch_size, overwrite=args.overwrite_synthetic,
+                                   shared_dirs=sibling_synthetic_dirs(args, run))
     synthetic_set = generate_synthetic_images(
-        train_dataset, build_augmentation(args.aug, load_weights=False, **options), args.num_synthetic,
-        run.layout.synthetic_dir, run.seed, batch_size=args.generation_batch_size, accelerator=accelerator,
-        overwrite=args.overwrite_synthetic, shared_dirs=sibling_synthetic_dirs(args, run), generator=generator)
+        train_dataset, build_augmentation(args.aug, options, load_weights=False), args.num_synthetic,
+        run.layout.synthetic_dir, run.seed, options=generation, accelerator=accelerator, generator=generator)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the diffusion model has left the GPU before the classifier trains
     return synthetic_set

@@ -43,7 +43,8 @@ from semantic_aug.core.model_family import describe_family
 from semantic_aug.datasets.few_shot_dataset import FolderFewShotDataset
 from semantic_aug.core.stable_diffusion import (load_stable_diffusion, random_sd_v1_folder, random_sdxl_folder,
                                                 resolve_model_path)
-from semantic_aug.stages.synthetic import DTYPES, build_augmentation, generate_synthetic_images
+from semantic_aug.stages.synthetic import (DTYPES, AugmentationOptions, GenerationOptions, build_augmentation,
+                                           generate_synthetic_images)
 from semantic_aug.core.utils import pick_device, run_cli
 
 RANDOM_SD = "sd-v1-random"  # --model name of the random-weight SD v1.4 architecture
@@ -167,19 +168,19 @@ def time_config(args, mode: str, attention: str, model_path: str, tokens_path: P
     """(b) Our generator under one config: a warm-up run, then `--timed-batches` batches timed end to end."""
     acceleration = Acceleration(compile=mode == "compile", compile_mode=args.compile_mode, attention=attention)
     acceleration.configure_process(device)  # after the reference pattern ran, as train_classifier.py sets it
-    augmentation = build_augmentation(
-        ["textual-inversion"], model_path=model_path, embed_path=tokens_path, dataset_name="bench",
-        class_names=CLASSES, prompt=PROMPT, strength=args.strength, guidance_scale=args.guidance_scale,
-        device=device, dtype=args.dtype, num_inference_steps=args.num_inference_steps,
-        acceleration=acceleration)
+    options = AugmentationOptions(model_path=model_path, embed_path=tokens_path, dataset_name="bench",
+                                  class_names=CLASSES, prompt=PROMPT, strength=args.strength,
+                                  guidance_scale=args.guidance_scale, dtype=args.dtype,
+                                  num_inference_steps=args.num_inference_steps)
+    augmentation = build_augmentation(["textual-inversion"], options, device=device, acceleration=acceleration)
+    generation = GenerationOptions(batch_size=args.batch_size, progress=False)
     start = time.perf_counter()
-    generate_synthetic_images(warmup, augmentation, args.num_synthetic, out / "warmup", seed=0,
-                              batch_size=args.batch_size, progress=False)
+    generate_synthetic_images(warmup, augmentation, args.num_synthetic, out / "warmup", seed=0, options=generation)
     warmup_seconds = time.perf_counter() - start
     jobs = args.batch_size * args.timed_batches
     start = time.perf_counter()
     manifest = generate_synthetic_images(timed, augmentation, args.num_synthetic, out / "timed", seed=1,
-                                         batch_size=args.batch_size, progress=False)
+                                         options=generation)
     seconds = time.perf_counter() - start
     rate = len(manifest) / seconds
     label = f"{mode}:{attention}" + (f" ({args.compile_mode})" if mode == "compile" else "")

@@ -421,17 +421,20 @@ def noise_generator(trained_filter):
     """(make, train split): `make()` runs DIAGen's generation (img2img from every real training image of the
     filter's split, the real code path) with the tiny SD, whose outputs are noise, and returns the manifest."""
     from semantic_aug.datasets import create_dataset
-    from semantic_aug.stages.synthetic import build_augmentation, generate_synthetic_images
+    from semantic_aug.stages.synthetic import (AugmentationOptions, GenerationOptions, build_augmentation,
+                                               generate_synthetic_images)
 
     _, _, work = trained_filter
     train = create_dataset(CHECK_DATASET, split="train", examples_per_class=CHECK_EPC, seed=0, data_dir=work / "data",
                            image_size=CHECK_IMAGE_SIZE)
-    augmentation = build_augmentation(["real-guidance"], model_path="tiny", embed_path=None, dataset_name=CHECK_DATASET,
-                                      class_names=train.class_names, prompt="a photo of a {name}",
-                                      strength=NOISE_STRENGTH, guidance_scale=NOISE_GUIDANCE_SCALE,
-                                      num_inference_steps=NOISE_STEPS)
+    options = AugmentationOptions(model_path="tiny", embed_path=None, dataset_name=CHECK_DATASET,
+                                  class_names=train.class_names, prompt="a photo of a {name}",
+                                  strength=NOISE_STRENGTH, guidance_scale=NOISE_GUIDANCE_SCALE,
+                                  num_inference_steps=NOISE_STEPS)
+    augmentation = build_augmentation(["real-guidance"], options)
     def make():
-        return generate_synthetic_images(train, augmentation, 1, work / "synthetic", seed=0, progress=False)
+        return generate_synthetic_images(train, augmentation, 1, work / "synthetic", seed=0,
+                                         options=GenerationOptions(progress=False))
 
     return make, train
 

@@ -19,8 +19,9 @@ from conftest import accelerate_launch
 from semantic_aug.core.embeddings import embedding_noise, save_tokens, token_name
 from semantic_aug.datasets.few_shot_dataset import FolderFewShotDataset
 from semantic_aug.stages.prompts import write_prompt_csv
-from semantic_aug.stages.synthetic import (MANIFEST_COLUMNS, SyntheticSet, build_augmentation, cache_settings,
-                                           generate_synthetic_images, plan_synthetic_images)
+from semantic_aug.stages.synthetic import (MANIFEST_COLUMNS, AugmentationOptions, GenerationOptions, SyntheticSet,
+                                           build_augmentation, cache_settings, generate_synthetic_images,
+                                           plan_synthetic_images)
 from semantic_aug.core.utils import UserError
 
 CLASSES = ("car", "carrot", "cell_phone")  # `car` is a prefix of `carrot`: token names must match exactly
@@ -30,6 +31,8 @@ STEPS = 4  # scheduler steps; strength 0.5 runs 2 of them
 STDS = (0.005, 0.01, 0.025)
 PROMPTS = ("a photo of a {name}", "a {name} in the snow")
 PIXEL_TOLERANCE = 2  # uint8 levels: float rounding of different batch compositions
+QUIET = GenerationOptions(progress=False)
+BATCH_4 = GenerationOptions(batch_size=4, progress=False)
 
 
 class ToyDataset(FolderFewShotDataset):
@@ -61,7 +64,8 @@ def build(toy, aug=("textual-inversion",), **overrides):
                    compose="parallel", use_embedding_noise=True, use_generated_prompts=True, prompt_path=toy.prompts,
                    device="cpu", dtype=torch.float32, num_inference_steps=STEPS)
     options.update(overrides)
-    return build_augmentation(list(aug), **options)
+    run = {key: options.pop(key) for key in ("device", "acceleration", "load_weights") if key in options}
+    return build_augmentation(list(aug), AugmentationOptions(**options), **run)
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +81,7 @@ def dataset(toy):
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory, dataset, augmentation):
     folder = tmp_path_factory.mktemp("run") / "synthetics"
-    synthetic_set = generate_synthetic_images(dataset, augmentation, NUM_SYNTHETIC, folder, seed=0, batch_size=4,
-                                              progress=False)
+    synthetic_set = generate_synthetic_images(dataset, augmentation, NUM_SYNTHETIC, folder, seed=0, options=BATCH_4)
     return folder, synthetic_set.manifest
 
 
@@ -128,8 +131,7 @@ def test_rerun_reuses_the_cache(first_run, dataset, augmentation, monkeypatch):
         raise AssertionError("a cached image was generated again")
 
     monkeypatch.setattr(augmentation.sampler, "img2img", no_generation)
-    again = generate_synthetic_images(dataset, augmentation, NUM_SYNTHETIC, folder, seed=0, batch_size=4,
-                                      progress=False)
+    again = generate_synthetic_images(dataset, augmentation, NUM_SYNTHETIC, folder, seed=0, options=BATCH_4)
     assert again.manifest.equals(manifest)
     assert mtimes(folder) | {"manifest.csv": (folder / "manifest.csv").stat().st_mtime_ns} == before
 
@@ -143,8 +145,7 @@ def test_interrupted_run_resumes_to_the_same_images(first_run, dataset, augmenta
     (folder / "manifest.csv").unlink()  # killed before the manifest was written
     (folder / ".label_0-0-0.png.x1y2.png.tmp").write_bytes(b"half a png")  # an atomic write cut short
     kept = {name: mtime for name, mtime in mtimes(folder).items()}
-    manifest = generate_synthetic_images(dataset, augmentation, NUM_SYNTHETIC, folder, seed=0, batch_size=4,
-                                         progress=False).manifest
+    manifest = generate_synthetic_images(dataset, augmentation, NUM_SYNTHETIC, folder, seed=0, options=BATCH_4).manifest
     assert not list(folder.glob("*.tmp"))
     assert {p.name for p in folder.glob("*.png")} == {p.name for p in first_run[0].glob("*.png")}
     assert {name: mtime for name, mtime in mtimes(folder).items() if name in kept} == kept  # only the lost were made
@@ -158,9 +159,9 @@ def test_changed_strength_invalidates_the_cache(first_run, dataset, augmentation
     monkeypatch.setattr(augmentation, "strength", 0.75)
     message = r"other settings \(augmentation.strength: 0.5 -> 0.75\).*--overwrite-synthetic"
     with pytest.raises(UserError, match=message):
-        generate_synthetic_images(dataset, augmentation, NUM_SYNTHETIC, folder, seed=0, progress=False)
-    generate_synthetic_images(dataset, augmentation, NUM_SYNTHETIC, folder, seed=0, batch_size=8, progress=False,
-                              overwrite=True)
+        generate_synthetic_images(dataset, augmentation, NUM_SYNTHETIC, folder, seed=0, options=QUIET)
+    generate_synthetic_images(dataset, augmentation, NUM_SYNTHETIC, folder, seed=0,
+                              options=GenerationOptions(batch_size=8, progress=False, overwrite=True))
     old = tmp_path / "synthetics.old-1"
     assert mtimes(old) == mtimes(first_run[0])  # the old images were moved aside, not deleted or mixed in
     assert json.loads((folder / "settings.json").read_text())["settings"]["augmentation"]["strength"] == 0.75
@@ -174,18 +175,19 @@ def test_a_folder_of_unknown_images_is_refused(dataset, augmentation, tmp_path):
     folder.mkdir()
     Image.new("RGB", (8, 8)).save(folder / "label_0-0-0.png")
     with pytest.raises(UserError, match="not made by this version"):
-        generate_synthetic_images(dataset, augmentation, NUM_SYNTHETIC, folder, seed=0, progress=False)
+        generate_synthetic_images(dataset, augmentation, NUM_SYNTHETIC, folder, seed=0, options=QUIET)
 
 
 def test_same_images_at_batch_sizes_1_and_4(first_run, dataset, augmentation, tmp_path):
     folder = tmp_path / "batch1"
-    generate_synthetic_images(dataset, augmentation, NUM_SYNTHETIC, folder, seed=0, batch_size=1, progress=False)
+    generate_synthetic_images(dataset, augmentation, NUM_SYNTHETIC, folder, seed=0,
+                              options=GenerationOptions(batch_size=1, progress=False))
     for path in first_run[0].glob("*.png"):
         assert np.abs(pixels(folder / path.name) - pixels(path)).max() <= PIXEL_TOLERANCE
 
 
 def test_no_synthetic_images_makes_nothing(dataset, augmentation, tmp_path):
-    manifest = generate_synthetic_images(dataset, augmentation, 0, tmp_path / "none", seed=0, progress=False).manifest
+    manifest = generate_synthetic_images(dataset, augmentation, 0, tmp_path / "none", seed=0, options=QUIET).manifest
     assert len(manifest) == 0 and list(manifest.columns) == MANIFEST_COLUMNS and not (tmp_path / "none").exists()
 
 
@@ -219,7 +221,7 @@ def no_model():
 def test_a_complete_set_is_reused_without_loading_the_model(first_run, dataset, toy):
     folder, manifest = first_run
     again = generate_synthetic_images(dataset, build(toy, load_weights=False), NUM_SYNTHETIC, folder, seed=0,
-                                      progress=False, generator=no_model)
+                                      options=QUIET, generator=no_model)
     assert again.manifest.equals(manifest)
     assert again.fingerprint == json.loads((folder / "settings.json").read_text())["fingerprint"]
 
@@ -227,14 +229,15 @@ def test_a_complete_set_is_reused_without_loading_the_model(first_run, dataset, 
 def test_a_set_linked_from_a_folder_of_the_same_settings_loads_no_model(first_run, dataset, toy, tmp_path):
     folder, manifest = first_run
     linked = generate_synthetic_images(dataset, build(toy, load_weights=False), NUM_SYNTHETIC, tmp_path / "other",
-                                       seed=0, progress=False, shared_dirs=[folder], generator=no_model)
+                                       seed=0, options=GenerationOptions(progress=False, shared_dirs=[folder]),
+                                       generator=no_model)
     assert linked.manifest.drop(columns="path").equals(manifest.drop(columns="path"))
     for path in folder.glob("*.png"):
         assert (tmp_path / "other" / path.name).read_bytes() == path.read_bytes()
     (tmp_path / "other" / path.name).unlink()  # one image that no folder holds: now the model is needed
     with pytest.raises(AssertionError, match="was loaded"):
         generate_synthetic_images(dataset, build(toy, load_weights=False), NUM_SYNTHETIC, tmp_path / "other", seed=0,
-                                  progress=False, generator=no_model)
+                                  options=QUIET, generator=no_model)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -280,8 +283,8 @@ WORKER = textwrap.dedent("""
         return generate(images, metadata, choices, seeds)
     augmentation.generate = recording
     dataset = t.ToyDataset(split="train", examples_per_class=2, seed=0, data_dir=toy.data)
-    t.generate_synthetic_images(dataset, augmentation, t.NUM_SYNTHETIC, sys.argv[3], seed=0, batch_size=4,
-                                accelerator=accelerator, progress=False)
+    t.generate_synthetic_images(dataset, augmentation, t.NUM_SYNTHETIC, sys.argv[3], seed=0, options=t.BATCH_4,
+                                accelerator=accelerator)
     (t.Path(sys.argv[3]) / f"made-{accelerator.process_index}.json").write_text(json.dumps(made))
 """)
 

@@ -118,22 +118,13 @@ def check_augmentation_inputs(aug_names: Sequence[str], embed_path: str | os.Pat
     return read_prompt_csv(prompt_path, class_names)
 
 
-def build_augmentation(aug_names: Sequence[str], *, model_path: str, embed_path: str | os.PathLike | None,
-                       dataset_name: str, class_names: Sequence[str], prompt: str, strength, guidance_scale,
-                       mask=False, inverted=False, probs: Sequence[float] | None = None, compose: str = "parallel",
-                       use_embedding_noise: bool = False, use_generated_prompts: bool = False,
-                       prompt_path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-                       dtype: torch.dtype | str = torch.float32, resolution: int | None = None,
-                       num_inference_steps: int = 50, std_deviations: Sequence[float] | None = None,
-                       erasure_ckpt_path: str | os.PathLike | None = None,
-                       acceleration: Acceleration | None = None, load_weights: bool = True) -> GenerativeAugmentation:
-    """The augmentation `train_classifier.py` generates with, from its flags, as the reference built it.
+@dataclass(frozen=True)
+class AugmentationOptions:
+    """What `build_augmentation` builds, from `train_classifier.py`'s flags: every field that decides the images
+    (and so the synthetic set's fingerprint). Where and how fast the model runs are `build_augmentation`'s own
+    arguments.
 
-    Cheap checks run before the model loads. The model is loaded fresh on every call: each (seed, examples per
-    class) run gets its own token file (the reference kept the first run's pipeline and tokens).
-
-    Args:
-        aug_names: `--aug` names (`textual-inversion`, `real-guidance`); several are composed.
+    Attributes:
         model_path: `tiny`, a hub id or a local diffusers folder.
         embed_path: the token file (needed by `textual-inversion`).
         dataset_name: the dataset's registry name (named in the log).
@@ -149,12 +140,58 @@ def build_augmentation(aug_names: Sequence[str], *, model_path: str, embed_path:
         use_embedding_noise: DIAGen (a), cycle each class through its original and noisy tokens.
         use_generated_prompts: DIAGen (b), cycle each class through its prompts from `prompt_path`.
         prompt_path: the prompt CSV of `generate_prompts.py`.
-        device: where the model runs.
         dtype: weight dtype (`torch.bfloat16`/`"bf16"` or fp16 on GPU; fp32 on CPU).
         resolution: generation side; None is the model's own (512 SD, 64 tiny).
         num_inference_steps: scheduler steps for strength 1 (img2img runs `strength` of them).
         std_deviations: noise levels to cycle through; None uses those in the token file.
         erasure_ckpt_path: optional UNet state dict to load over the model's.
+    """
+
+    model_path: str
+    embed_path: str | os.PathLike | None
+    dataset_name: str
+    class_names: Sequence[str]
+    prompt: str
+    strength: float | Sequence[float] | None
+    guidance_scale: float | Sequence[float] | None
+    mask: bool | Sequence[bool] = False
+    inverted: bool | Sequence[bool] = False
+    probs: Sequence[float] | None = None
+    compose: str = "parallel"
+    use_embedding_noise: bool = False
+    use_generated_prompts: bool = False
+    prompt_path: str | os.PathLike | None = None
+    dtype: torch.dtype | str = torch.float32
+    resolution: int | None = None
+    num_inference_steps: int = 50
+    std_deviations: Sequence[float] | None = None
+    erasure_ckpt_path: str | os.PathLike | None = None
+
+
+@dataclass(frozen=True)
+class _CheckedAugmentations:
+    """`AugmentationOptions` checked against the `--aug` names: one entry per augmentation in each list."""
+
+    classes: list[type]
+    strengths: list
+    guidance_scales: list
+    masks: list
+    inverteds: list
+    class_prompts: dict[str, list[str]] | None
+    dtype: torch.dtype
+
+
+def build_augmentation(aug_names: Sequence[str], options: AugmentationOptions, *, device: str | torch.device = "cpu",
+                       acceleration: Acceleration | None = None, load_weights: bool = True) -> GenerativeAugmentation:
+    """The augmentation `train_classifier.py` generates with, from its flags, as the reference built it.
+
+    Cheap checks run before the model loads. The model is loaded fresh on every call: each (seed, examples per
+    class) run gets its own token file (the reference kept the first run's pipeline and tokens).
+
+    Args:
+        aug_names: `--aug` names (`textual-inversion`, `real-guidance`); several are composed.
+        options: what the augmentation makes (`AugmentationOptions`).
+        device: where the model runs.
         acceleration: how the diffusion model runs (`semantic_aug.acceleration.Acceleration`; None takes its
             defaults); it changes the images only within float rounding.
         load_weights: False builds the model from its configs alone, on the meta device (a fraction of a second):
@@ -169,51 +206,73 @@ def build_augmentation(aug_names: Sequence[str], *, model_path: str, embed_path:
             length, a missing or malformed token file, a prompt CSV without some class.
     """
     aug_names = list(aug_names)
+    # 1. every cheap check, before any weight is read
+    checked = _check_augmentation_options(aug_names, options)
+    # 2. the diffusion model, shared by every augmentation
+    if load_weights:
+        sampler = DiffusionSampler.from_pretrained(
+            options.model_path, device=device, dtype=checked.dtype, unet_weights=options.erasure_ckpt_path,
+            num_inference_steps=options.num_inference_steps, resolution=options.resolution,
+            acceleration=acceleration)
+    else:
+        sampler = _sampler_from_configs(options.model_path, checked.dtype, options.erasure_ckpt_path,
+                                        num_inference_steps=options.num_inference_steps,
+                                        resolution=options.resolution)
+    # 3. one augmentation per name, composed when there are several
+    augmentation = _compose_augmentations(sampler, options, checked)
+    if load_weights:
+        logger.info("augmentation for %s: %s (strength %s, guidance %s, %d steps at %d², embedding noise %s, "
+                    "generated prompts %s) on %s in %s", options.dataset_name, "+".join(aug_names), checked.strengths,
+                    checked.guidance_scales, options.num_inference_steps, sampler.resolution,
+                    options.use_embedding_noise, options.use_generated_prompts, sampler.device, checked.dtype)
+    return augmentation
+
+
+def _check_augmentation_options(aug_names: list[str], options: AugmentationOptions) -> _CheckedAugmentations:
+    """The names, the per-augmentation values, the token file and prompt CSV and the dtype, checked without
+    loading any model; raises `UserError` naming the flag at fault."""
     if not aug_names:
         raise UserError("--aug needs at least one augmentation")
     classes = [get_augmentation_class(name) for name in aug_names]
-    if compose not in COMPOSERS:
-        raise UserError(f"unknown --compose {compose!r}; choose one of {', '.join(COMPOSERS)}")
+    if options.compose not in COMPOSERS:
+        raise UserError(f"unknown --compose {options.compose!r}; choose one of {', '.join(COMPOSERS)}")
     count = len(aug_names)
-    strengths = _per_augmentation(strength, count, "--strength")
-    guidance_scales = _per_augmentation(guidance_scale, count, "--guidance-scale")
-    masks = _per_augmentation(mask, count, "--mask")
-    inverteds = _per_augmentation(inverted, count, "--inverted")
+    strengths = _per_augmentation(options.strength, count, "--strength")
+    guidance_scales = _per_augmentation(options.guidance_scale, count, "--guidance-scale")
+    masks = _per_augmentation(options.mask, count, "--mask")
+    inverteds = _per_augmentation(options.inverted, count, "--inverted")
     for strength_i, guidance_i in zip(strengths, guidance_scales):
         check_strength_and_guidance(strength_i, guidance_i)
-    if probs is not None and len(probs) != count:
-        raise UserError(f"--probs has {len(probs)} values for {count} --aug augmentations; give one per --aug")
-    class_prompts = check_augmentation_inputs(aug_names, embed_path, class_names, use_generated_prompts, prompt_path)
-    if use_embedding_noise and not any(issubclass(cls, TextualInversion) for cls in classes):
+    if options.probs is not None and len(options.probs) != count:
+        raise UserError(f"--probs has {len(options.probs)} values for {count} --aug augmentations; give one per --aug")
+    class_prompts = check_augmentation_inputs(aug_names, options.embed_path, options.class_names,
+                                              options.use_generated_prompts, options.prompt_path)
+    if options.use_embedding_noise and not any(issubclass(cls, TextualInversion) for cls in classes):
         logger.warning("--use-embedding-noise has no effect without --aug textual-inversion")
+    dtype = options.dtype
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
+    return _CheckedAugmentations(classes, strengths, guidance_scales, masks, inverteds, class_prompts, dtype)
 
-    if load_weights:
-        sampler = DiffusionSampler.from_pretrained(
-            model_path, device=device, dtype=dtype, unet_weights=erasure_ckpt_path,
-            num_inference_steps=num_inference_steps, resolution=resolution, acceleration=acceleration)
-    else:
-        sampler = _sampler_from_configs(model_path, dtype, erasure_ckpt_path, num_inference_steps=num_inference_steps,
-                                        resolution=resolution)
+
+def _compose_augmentations(sampler: DiffusionSampler, options: AugmentationOptions,
+                           checked: _CheckedAugmentations) -> GenerativeAugmentation:
+    """One augmentation per `--aug` name over `sampler`; several are composed as `--compose` says."""
     augmentations = []
-    for cls, strength_i, guidance_i, mask_i, inverted_i in zip(classes, strengths, guidance_scales, masks, inverteds):
-        options = dict(prompt=prompt, strength=strength_i, guidance_scale=guidance_i, mask=bool(mask_i),
-                       inverted=bool(inverted_i), class_prompts=class_prompts)
+    for cls, strength_i, guidance_i, mask_i, inverted_i in zip(checked.classes, checked.strengths,
+                                                               checked.guidance_scales, checked.masks,
+                                                               checked.inverteds):
+        kwargs = dict(prompt=options.prompt, strength=strength_i, guidance_scale=guidance_i, mask=bool(mask_i),
+                      inverted=bool(inverted_i), class_prompts=checked.class_prompts)
         if issubclass(cls, TextualInversion):
-            options.update(embed_path=embed_path, use_embedding_noise=use_embedding_noise,
-                           std_deviations=std_deviations)
-        augmentations.append(cls(sampler, class_names, **options))
-    augmentation = augmentations[0] if count == 1 else COMPOSERS[compose](augmentations, probs)
-    if not load_weights:
-        return augmentation
-    logger.info("augmentation for %s: %s (strength %s, guidance %s, %d steps at %d², embedding noise %s, generated "
-                "prompts %s) on %s in %s", dataset_name, "+".join(aug_names), strengths, guidance_scales,
-                num_inference_steps, sampler.resolution, use_embedding_noise, use_generated_prompts, sampler.device,
-                dtype)
-    return augmentation
+            kwargs.update(embed_path=options.embed_path, use_embedding_noise=options.use_embedding_noise,
+                          std_deviations=options.std_deviations)
+        augmentations.append(cls(sampler, options.class_names, **kwargs))
+    if len(augmentations) == 1:
+        return augmentations[0]
+    return COMPOSERS[options.compose](augmentations, options.probs)
 
 
 def _sampler_from_configs(model_path: str, dtype: torch.dtype, unet_weights: str | os.PathLike | None,
@@ -442,10 +501,27 @@ def _generate_rows(dataset, augmentation: GenerativeAugmentation, manifest: pd.D
         logger.info(timer.summary())
 
 
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How `generate_synthetic_images` makes and caches a set; none of these changes the images.
+
+    Attributes:
+        batch_size: images per augmentation call (the GPU batch; the images do not depend on it).
+        progress: show a progress bar (images/s) on the main process.
+        overwrite: move a folder made with other settings aside instead of refusing it.
+        shared_dirs: other folders whose images are linked in, where their settings are the same
+            (`link_identical_images`).
+    """
+
+    batch_size: int = 8
+    progress: bool = True
+    overwrite: bool = False
+    shared_dirs: Sequence[str | os.PathLike] = ()
+
+
 def generate_synthetic_images(dataset, augmentation: GenerativeAugmentation, num_synthetic: int,
-                              synthetic_dir: str | os.PathLike, seed: int, batch_size: int = 8, accelerator=None,
-                              progress: bool = True, overwrite: bool = False,
-                              shared_dirs: Sequence[str | os.PathLike] = (),
+                              synthetic_dir: str | os.PathLike, seed: int, *,
+                              options: GenerationOptions = GenerationOptions(), accelerator=None,
                               generator: Callable[[], GenerativeAugmentation] | None = None) -> "SyntheticSet":
     """Make (or reuse) `num_synthetic` synthetic images per real image of `dataset` in `synthetic_dir`.
 
@@ -456,12 +532,8 @@ def generate_synthetic_images(dataset, augmentation: GenerativeAugmentation, num
         num_synthetic: synthetic images per real image (0 makes nothing).
         synthetic_dir: the cache folder (see the module docstring).
         seed: the run's seed; image (i, n) is seeded with a value derived from (seed, i, n).
-        batch_size: images per augmentation call (the GPU batch; the images do not depend on it).
+        options: batch size, progress bar, overwrite and shared folders (`GenerationOptions`).
         accelerator: an accelerate `Accelerator`; with several processes each makes its share of the images.
-        progress: show a progress bar (images/s) on the main process.
-        overwrite: move a folder made with other settings aside instead of refusing it.
-        shared_dirs: other folders whose images are linked in, where their settings are the same
-            (`link_identical_images`).
         generator: builds the augmentation that makes images, called only when this process has images to make
             (so that `augmentation` may be the weightless one of `build_augmentation(..., load_weights=False)`).
 
@@ -472,8 +544,9 @@ def generate_synthetic_images(dataset, augmentation: GenerativeAugmentation, num
     Raises:
         UserError: the folder holds images made with other settings (and not `overwrite`).
     """
-    if num_synthetic < 0 or batch_size < 1:
-        raise UserError(f"num_synthetic must be >= 0 and batch_size >= 1, got {num_synthetic} and {batch_size}")
+    if num_synthetic < 0 or options.batch_size < 1:
+        raise UserError(f"num_synthetic must be >= 0 and batch_size >= 1, got {num_synthetic} and "
+                        f"{options.batch_size}")
     synthetic_dir = Path(synthetic_dir)
     manifest, choices = plan_synthetic_images(dataset, augmentation, num_synthetic, synthetic_dir, seed)
     if num_synthetic == 0 or len(manifest) == 0:
@@ -487,16 +560,9 @@ def generate_synthetic_images(dataset, augmentation: GenerativeAugmentation, num
 
     # 1. the cache: every process checks (so all raise the same error); the main process prepares the folder
     settings = cache_settings(dataset, augmentation, num_synthetic, seed)
-    action = check_cache(synthetic_dir, settings, overwrite)
+    action = check_cache(synthetic_dir, settings, options.overwrite)
     if is_main:
-        if action == "move":
-            logger.warning("synthetic settings changed: moved the old images to %s", _move_aside(synthetic_dir))
-        removed = remove_stale_temporaries(synthetic_dir)
-        if removed:
-            logger.info("removed %d unfinished file(s) of an interrupted run from %s", removed, synthetic_dir)
-        if action != "reuse":
-            atomic_write_text(synthetic_dir / SETTINGS_NAME, json.dumps(settings, indent=1, sort_keys=True))
-        link_identical_images(synthetic_dir, settings["fingerprint"], manifest["path"].tolist(), shared_dirs)
+        _prepare_folder(synthetic_dir, settings, action, manifest["path"].tolist(), options.shared_dirs)
     barrier()
 
     # 2. this process's share of the missing images
@@ -507,25 +573,46 @@ def generate_synthetic_images(dataset, augmentation: GenerativeAugmentation, num
     if is_main:
         logger.info("synthetic images: %d (%d per real image, %d real) in %s; %d cached, %d to make on %d process(es) "
                     "in batches of %d", len(manifest), num_synthetic, len(dataset), synthetic_dir, sum(done),
-                    len(manifest) - sum(done), world, batch_size)
+                    len(manifest) - sum(done), world, options.batch_size)
     if todo:
         maker = generator() if generator is not None else augmentation
-        _generate_rows(dataset, maker, manifest, choices, todo, batch_size, show_progress=progress and is_main)
+        _generate_rows(dataset, maker, manifest, choices, todo, options.batch_size,
+                       show_progress=options.progress and is_main)
         del maker  # the diffusion model leaves the device before the classifier trains
     barrier()
 
     # 3. the manifest, once every image exists
     manifest_file = synthetic_dir / MANIFEST_NAME
     if is_main:
-        missing = [p for p in paths if not Path(p).is_file()]
-        if missing:
-            raise UserError(f"{len(missing)} synthetic images are missing in {synthetic_dir} (first: {missing[0]}); "
-                            f"rerun to resume")
-        if _stored_manifest(manifest_file, manifest) is None:
-            atomic_write_csv(manifest, manifest_file)
+        _write_manifest(manifest_file, manifest)
     barrier()
     stored = _stored_manifest(manifest_file, manifest)
     return SyntheticSet(synthetic_dir, stored if stored is not None else manifest, settings["fingerprint"])
+
+
+def _prepare_folder(synthetic_dir: Path, settings: dict, action: str, paths: Sequence[str],
+                    shared_dirs: Sequence[str | os.PathLike]) -> None:
+    """The main process's preparation of the cache folder for `check_cache`'s `action`: move a folder of other
+    settings aside, remove the leftovers of an interrupted run, record the settings, link shared images."""
+    if action == "move":
+        logger.warning("synthetic settings changed: moved the old images to %s", _move_aside(synthetic_dir))
+    removed = remove_stale_temporaries(synthetic_dir)
+    if removed:
+        logger.info("removed %d unfinished file(s) of an interrupted run from %s", removed, synthetic_dir)
+    if action != "reuse":
+        atomic_write_text(synthetic_dir / SETTINGS_NAME, json.dumps(settings, indent=1, sort_keys=True))
+    link_identical_images(synthetic_dir, settings["fingerprint"], paths, shared_dirs)
+
+
+def _write_manifest(manifest_file: Path, manifest: pd.DataFrame) -> None:
+    """Write the planned manifest once every image exists, unless the one on disk already describes them (it may
+    hold the filter's scores, which a rerun keeps)."""
+    missing = [p for p in manifest["path"].tolist() if not Path(p).is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} synthetic images are missing in {manifest_file.parent} (first: "
+                        f"{missing[0]}); rerun to resume")
+    if _stored_manifest(manifest_file, manifest) is None:
+        atomic_write_csv(manifest, manifest_file)
 
 
 def _stored_manifest(manifest_file: Path, planned: pd.DataFrame) -> pd.DataFrame | None:
