@@ -20,6 +20,7 @@ tells the families apart from the saved folders.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -92,34 +93,66 @@ def load_tokenizer(path: str | os.PathLike = TOKENIZER_DIR, **kwargs):
     return CLIPTokenizer.from_pretrained(str(path), model_max_length=CLIP_MAX_LENGTH, **kwargs)
 
 
+@contextlib.contextmanager
+def seeded_init(seed: int = TINY_MODEL_SEED):
+    """Random weights drawn from `seed`; torch's global generator is left as it was."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(generator_state)
+
+
+def clip_text_config(tokenizer, **sizes):
+    """A CLIP text encoder config for `tokenizer` (its vocabulary and special tokens, SD's 77 positions)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=CLIP_MAX_LENGTH,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, **sizes)
+
+
+def tiny_vae(scaling_factor: float = VAE_SCALING_FACTOR):
+    """The tiny models' two-level VAE."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=32, sample_size=64,
+        scaling_factor=scaling_factor)
+
+
+def full_vae(sample_size: int, scaling_factor: float, **extra):
+    """Stable Diffusion's four-level VAE at full size."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=32, sample_size=sample_size, scaling_factor=scaling_factor, **extra)
+
+
 def build_tiny_stable_diffusion(output_dir: str | os.PathLike) -> Path:
     """Build the tiny random SD-architecture pipeline from configs and save it as a diffusers folder.
 
     Latents are 4×32×32 for 64×64 images (two VAE blocks give a downsampling factor of 2); the text encoder
     is 32 wide with the full 49408-token CLIP vocabulary, so learned embeddings are 32-dimensional.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     tokenizer = load_tokenizer()
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(TINY_MODEL_SEED)
-    try:
+    with seeded_init(TINY_MODEL_SEED):
         unet = UNet2DConditionModel(
             sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=32, sample_size=64,
-            scaling_factor=VAE_SCALING_FACTOR)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=CLIP_MAX_LENGTH, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=32))
-    finally:
-        torch.random.set_rng_state(generator_state)
+        vae = tiny_vae(VAE_SCALING_FACTOR)
+        text_encoder = CLIPTextModel(clip_text_config(
+            tokenizer, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            projection_dim=32))
     return save_stable_diffusion(output_dir, tokenizer, text_encoder, vae, unet)
 
 
@@ -130,28 +163,19 @@ def build_tiny_sd2(output_dir: str | os.PathLike) -> Path:
     the SD 2.x traits are listed in the module docstring. Attention heads are 16 wide in every block, as SD 2.x's
     are 64 wide (`attention_head_dim` gives the head count per block, 5/10/20/20 in SD 2.x).
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     tokenizer = load_tokenizer(pad_token=SD2_PAD_TOKEN)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(TINY_MODEL_SEED)
-    try:
+    with seeded_init(TINY_MODEL_SEED):
         unet = UNet2DConditionModel(
             sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=32)
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=32, sample_size=64,
-            scaling_factor=VAE_SCALING_FACTOR)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=CLIP_MAX_LENGTH, hidden_act="gelu", bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=64))
-    finally:
-        torch.random.set_rng_state(generator_state)
+        vae = tiny_vae(VAE_SCALING_FACTOR)
+        text_encoder = CLIPTextModel(clip_text_config(
+            tokenizer, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            hidden_act="gelu", projection_dim=64))
     return save_stable_diffusion(output_dir, tokenizer, text_encoder, vae, unet,
                                  scheduler=DDIMScheduler(**SD_V2_SCHEDULER))
 
@@ -223,33 +247,23 @@ def build_tiny_sdxl(output_dir: str | os.PathLike) -> Path:
     each), so the UNet's cross-attention reads their 64-wide concatenation; the second encoder's pooled projection
     is 32 wide.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer, tokenizer_2 = load_tokenizer(), load_tokenizer_2()
     width, pooled_dim = 32, 32
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(TINY_MODEL_SEED)
-    try:
+    with seeded_init(TINY_MODEL_SEED):
         unet = UNet2DConditionModel(
             sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), norm_num_groups=32,
             **sdxl_unet_config(2 * width, addition_time_embed_dim=8, pooled_dim=pooled_dim))
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=32, sample_size=64,
-            scaling_factor=VAE_SCALING_FACTOR_XL)
+        vae = tiny_vae(VAE_SCALING_FACTOR_XL)
         encoders = []
         for model_class, act in ((CLIPTextModel, "quick_gelu"), (CLIPTextModelWithProjection, "gelu")):
-            encoders.append(model_class(CLIPTextConfig(
-                vocab_size=len(tokenizer), hidden_size=width, intermediate_size=37, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=CLIP_MAX_LENGTH, hidden_act=act,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id, projection_dim=pooled_dim)))
-    finally:
-        torch.random.set_rng_state(generator_state)
+            encoders.append(model_class(clip_text_config(
+                tokenizer, hidden_size=width, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                hidden_act=act, projection_dim=pooled_dim)))
     return save_stable_diffusion_xl(output_dir, tokenizer, tokenizer_2, *encoders, vae, unet)
 
 
@@ -395,13 +409,11 @@ def build_random_sd_v1(device: str | torch.device = "cpu", seed: int = 0):
     Returns:
         (tokenizer, text_encoder, vae, unet, noise_scheduler), as `load_sd_components` returns them.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     tokenizer = load_tokenizer()
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with seeded_init(seed):
         with torch.device(device):
             unet = UNet2DConditionModel(
                 sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -409,17 +421,10 @@ def build_random_sd_v1(device: str | torch.device = "cpu", seed: int = 0):
                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
                 cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
-            vae = AutoencoderKL(
-                in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                norm_num_groups=32, sample_size=512, scaling_factor=VAE_SCALING_FACTOR)
-            text_encoder = CLIPTextModel(CLIPTextConfig(
-                vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                num_attention_heads=12, max_position_embeddings=CLIP_MAX_LENGTH, hidden_act="quick_gelu",
-                projection_dim=768, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id))
-    finally:
-        torch.random.set_rng_state(generator_state)
+            vae = full_vae(512, VAE_SCALING_FACTOR)
+            text_encoder = CLIPTextModel(clip_text_config(
+                tokenizer, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                hidden_act="quick_gelu", projection_dim=768))
     noise_scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                     num_train_timesteps=1000, clip_sample=False, steps_offset=1)
     return tokenizer, text_encoder, vae, unet, noise_scheduler
@@ -447,16 +452,14 @@ def build_random_sdxl(device: str | torch.device = "cpu", seed: int = 0):
     Returns:
         (tokenizer, tokenizer_2, text_encoder, text_encoder_2, vae, unet, scheduler).
     """
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer, tokenizer_2 = load_tokenizer(), load_tokenizer_2()
     special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id, max_position_embeddings=CLIP_MAX_LENGTH,
                    vocab_size=len(tokenizer))
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with seeded_init(seed):
         with torch.device(device):
             unet = UNet2DConditionModel(
                 sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
@@ -464,18 +467,13 @@ def build_random_sdxl(device: str | torch.device = "cpu", seed: int = 0):
                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                 attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), norm_num_groups=32,
                 **sdxl_unet_config(2048, addition_time_embed_dim=256, pooled_dim=1280))
-            vae = AutoencoderKL(
-                in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                norm_num_groups=32, sample_size=1024, scaling_factor=VAE_SCALING_FACTOR_XL, force_upcast=True)
+            vae = full_vae(1024, VAE_SCALING_FACTOR_XL, force_upcast=True)
             text_encoder = CLIPTextModel(CLIPTextConfig(
                 hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                 hidden_act="quick_gelu", projection_dim=768, **special))
             text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
                 hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
                 hidden_act="gelu", projection_dim=1280, **special))
-    finally:
-        torch.random.set_rng_state(generator_state)
     scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER)
     return tokenizer, tokenizer_2, text_encoder, text_encoder_2, vae, unet, scheduler
 
