@@ -83,3 +83,18 @@ def import_script(name: str):
 @pytest.fixture(scope="session")
 def script_module():
     return import_script
+
+
+def write_class_folders(root: Path, class_names, counts=(("train-val", 9), ("test", 1)), seed: int = 0) -> Path:
+    """A folder-per-class dataset of small random 32x24 JPEGs: `root/{split}/{class}/{i}.jpg`, `count` per class and
+    split (the default: 8 training-pool images and 1 validation image per class, and 1 test image)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, count in counts:
+        for name in class_names:
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(root / split / name / f"{i}.jpg")
+    return root

@@ -20,7 +20,7 @@ from semantic_aug.stages.synthetic import SyntheticSet
 from semantic_aug.core.layout import RunLayout
 from semantic_aug.datasets import dataset_key
 from semantic_aug.core.utils import UserError
-from conftest import import_script
+from conftest import import_script, write_class_folders
 
 
 
@@ -299,12 +299,8 @@ def test_filter_mode_rejects_unscored_sets_and_unknown_modes():
 def test_synthetic_filter_use_without_a_saved_filter_is_a_one_line_error(script_runner, tmp_path):
     from semantic_aug.datasets.custom_coco import CUSTOM_COCO_CLASSES
 
-    rng = np.random.default_rng(0)
-    for name in CUSTOM_COCO_CLASSES:  # Custom COCO's layout, 9 small train-val images per class (8 train + 1 val)
-        (tmp_path / "data" / "train-val" / name).mkdir(parents=True)
-        for i in range(9):
-            Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(
-                tmp_path / "data" / "train-val" / name / f"{i}.jpg")
+    # Custom COCO's layout, 9 small train-val images per class (8 train + 1 val)
+    write_class_folders(tmp_path / "data", CUSTOM_COCO_CLASSES, counts=(("train-val", 9),))
     result = script_runner(
         "train_classifier.py", "--data-dir", tmp_path / "data", "--seeds", "0", "--examples-per-class", "1",
         "--num-synthetic", "1", "--aug", "real-guidance", "--model-path", "tiny", "--strength", "0.7",

@@ -14,6 +14,8 @@ from semantic_aug.core.utils import UserError
 from semantic_aug.stages.augmentations import DiffusionSampler, TextualInversion
 from semantic_aug.stages.textual_inversion_training import TextualInversionConfig, TextualInversionTrainer
 
+from conftest import write_class_folders
+
 STEPS = 4  # scheduler steps; strength 0.5 runs 2 of them
 STDS = (0.005, 0.01, 0.025)
 
@@ -125,14 +127,7 @@ def test_the_whole_pipeline_runs_on_tiny_sd2_with_one_and_two_vectors(script_run
     the noisy tokens, training the filter and the classifier, on the SD 2.x model."""
     from semantic_aug.datasets.custom_coco import CUSTOM_COCO_CLASSES
 
-    data_dir = tmp_path / "custom_coco"
-    rng = np.random.default_rng(0)
-    for split, count in (("train-val", 9), ("test", 1)):
-        for name in CUSTOM_COCO_CLASSES:
-            (data_dir / split / name).mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(data_dir / split / name / f"{i}.jpg")
+    data_dir = write_class_folders(tmp_path / "custom_coco", CUSTOM_COCO_CLASSES)
     from semantic_aug.datasets import dataset_key
 
     key = dataset_key("custom_coco", data_dir)  # not the default data: every file name carries its fingerprint

@@ -17,6 +17,8 @@ from semantic_aug.core.stable_diffusion import resolve_model_path
 from semantic_aug.core.utils import UserError
 from semantic_aug.stages.augmentations import DiffusionSampler
 
+from conftest import write_class_folders
+
 STEPS = 4  # scheduler steps; strength 0.5 runs 2 of them
 
 
@@ -201,13 +203,7 @@ def test_the_whole_pipeline_runs_on_tiny_sdxl(script_runner, tmp_path, num_vecto
     for SD 1.x."""
     from semantic_aug.core.embeddings import load_tokens
 
-    rng = np.random.default_rng(0)
-    for split, count in (("train-val", 9), ("test", 1)):
-        for name in ("cat", "dog"):
-            (tmp_path / "data" / split / name).mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(tmp_path / "data" / split / name / f"{i}.jpg")
+    write_class_folders(tmp_path / "data", ("cat", "dog"))
     data = ["--dataset", "folder", "--data-dir", tmp_path / "data", "--seeds", "0", "--examples-per-class", "1"]
     script_runner("fine_tune.py", *data, "--pretrained_model_name_or_path", "tiny-sdxl", "--max_train_steps", "2",
                   "--train_batch_size", "1", "--resolution", "32", "--joint", "--num_vectors", num_vectors, cwd=tmp_path,

@@ -5,7 +5,6 @@ import importlib.util
 import re
 import sys
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -15,6 +14,8 @@ from semantic_aug.datasets.custom_coco import CUSTOM_COCO_CLASSES
 from semantic_aug.core.embeddings import save_tokens, token_name
 from semantic_aug.stages.training import RESULTS_COLUMNS, TEST_COLUMNS, load_classifier
 from semantic_aug.core.utils import UserError
+
+from conftest import write_class_folders
 
 SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # tiny models; shared CPUs thrash with more threads
 QUICK = ["--classifier-backbone", "efficientnet_lite0", "--image-size", "32", "--iterations-per-epoch", "2",
@@ -37,14 +38,7 @@ def data_dir(tmp_path_factory):
     """Custom COCO's layout with 9 train-val images (8 in the training pool, 1 for validation) and 1 test image
     per class, 32x24 random pictures; Custom COCO's default data for this module ($CUSTOM_COCO_DIR), so the files
     keep the plain `custom_coco` names."""
-    root = tmp_path_factory.mktemp("custom_coco")
-    rng = np.random.default_rng(0)
-    for split, count in (("train-val", 9), ("test", 1)):
-        for name in CUSTOM_COCO_CLASSES:
-            (root / split / name).mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / name / f"{i}.jpg")
+    root = write_class_folders(tmp_path_factory.mktemp("custom_coco"), CUSTOM_COCO_CLASSES)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CUSTOM_COCO_DIR", str(root))
         yield root
