@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh Linux machine with Python >= 3.10 and pip:
 #   make demo   # the whole pipeline on Custom COCO with the embedded tiny defaults, ending in a results table
-#   make test   # the test suite (CPU, about 15 minutes on 2 cores, plus the first set-up)
+#   make test   # the test suite (CPU, about 11 minutes on 2 cores, plus the first set-up)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
