@@ -41,7 +41,6 @@ TOKENS_FILE = "{dataset}-tokens/{dataset}-{seed}-{examples_per_class}.pt"
 NOISY_TOKENS_FILE = "{dataset}-tokens/noise/{dataset}-{seed}-{examples_per_class}.pt"
 DEFAULT_EMBED_PATH = f"{TOKENS_ROOT}/{TOKENS_FILE}"
 NOISY_EMBED_PATH = f"{TOKENS_ROOT}/{NOISY_TOKENS_FILE}"
-TEMPLATE_FIELDS = ("dataset", "examples_per_class", "method", "seed")
 
 
 def fill(template: str, flag: str, **fields) -> str:
@@ -56,10 +55,6 @@ def fill(template: str, flag: str, **fields) -> str:
 def format_list(values) -> str:
     """The reference's spelling of a list flag inside a file name: [0.7] -> `[0.7]`."""
     return str(list(values)) if isinstance(values, (list, tuple)) else str(values)
-
-
-def _path(value) -> Path | None:
-    return None if value is None else Path(value)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from semantic_aug.core.model_family import detect_family
+from semantic_aug.core.model_family import describe_family, detect_family
 from semantic_aug.core.utils import UserError
 
 TINY_MODEL_NAME = "tiny"
@@ -516,6 +516,7 @@ def load_stable_diffusion_configs(name_or_path: str = TINY_MODEL_NAME, dtype: to
 
         folder = Path(_from_pretrained(DiffusionPipeline.download, name_or_path))
     index = json.loads((folder / "model_index.json").read_text())
+    family = describe_family(folder)  # which text encoders and tokenizers the folder has
     parts = {}
     with torch.device("meta"):
         for name, loader in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
@@ -523,8 +524,7 @@ def load_stable_diffusion_configs(name_or_path: str = TINY_MODEL_NAME, dtype: to
             model.register_to_config(_name_or_path=str(folder / name))
             parts[name] = model  # a diffusers config records no dtype
         # SDXL's second encoder is the one with the projection (its pooled output conditions the UNet)
-        encoders = [("text_encoder", CLIPTextModel)] + \
-            ([("text_encoder_2", CLIPTextModelWithProjection)] if "text_encoder_2" in index else [])
+        encoders = list(zip(family.text_encoders, (CLIPTextModel, CLIPTextModelWithProjection)))
         for name, model_class in encoders:
             config = CLIPTextConfig.from_pretrained(folder / name)
             config.dtype = dtype
@@ -534,8 +534,7 @@ def load_stable_diffusion_configs(name_or_path: str = TINY_MODEL_NAME, dtype: to
     library, class_name = index["scheduler"]
     scheduler_class = getattr(importlib.import_module(library), class_name)
     parts["scheduler"] = scheduler_class.from_pretrained(folder, subfolder="scheduler")
-    for name in ("tokenizer", "tokenizer_2"):
-        if name in index:
-            parts[name] = CLIPTokenizer.from_pretrained(folder / name, model_max_length=CLIP_MAX_LENGTH)
+    for name in family.tokenizers:
+        parts[name] = CLIPTokenizer.from_pretrained(folder / name, model_max_length=CLIP_MAX_LENGTH)
     parts["config"] = {key: value for key, value in index.items() if not isinstance(value, list)}  # pipeline flags
     return SimpleNamespace(**parts)
