@@ -17,7 +17,9 @@ The names are the reference's hand-offs between the scripts (`{ds}` is the datas
 
 train_classifier.py's `--logdir`, `--synthetic-dir` and `--embed-path` may be templates with `{dataset}`,
 `{examples_per_class}`, `{method}` and `{seed}`; the layout fills them (`fill`). `report.py` reads the same names
-back with the patterns at the end of this module.
+back with the patterns at the end of this module. The experiment runner puts `fine-tuned/` and `tokens/` (the
+roots above) under its `pipeline_dir` (default `.`, the scripts' defaults), and the tokens of a method with
+Textual Inversion settings of its own under `{pipeline_dir}/variants/{settings}/`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from semantic_aug.core.utils import UserError
 
 FINE_TUNED_FOLDER = "fine-tuned"  # fine_tune.py writes it under --output_dir; aggregate_embeddings.py's --input-path
 TOKENS_ROOT = "tokens"
+VARIANTS_FOLDER = "variants"  # the runner's {pipeline_dir}/variants/{settings}/: tokens of other fine_tune.py settings
 MODELS_ROOT = "models"
 RESULTS_ROOT = "RESULTS"
 MANIFEST_NAME = "manifest.csv"

@@ -9,7 +9,9 @@ The runner plans one job per script call:
 
 1. `generate_prompts.py` once per dataset, if a method uses LLM prompts and the prompt CSV is missing;
 2. per (seed, examples per class), if a method needs them: `fine_tune.py`, `aggregate_embeddings.py`
-   (plain and, with embedding noise, noisy tokens) and `train_filter.py`;
+   (plain and, with embedding noise, noisy tokens) and `train_filter.py`; the tokens go to `{pipeline_dir}/fine-tuned`
+   and `{pipeline_dir}/tokens`, and a method with Textual Inversion settings of its own (a `fine_tune:` mapping)
+   gets its own token variant, learned and merged under `{pipeline_dir}/variants/<settings>/`;
 3. `train_classifier.py` per (method, seed, examples per class), logging to
    `{results_dir}/{dataset}_{epc}epc/{method}/logs`, the layout `report.py` reads.
 
@@ -23,13 +25,17 @@ dependencies. Each job writes its own log file (appended to on reruns). When the
 Flags in the config: a key is the script's flag without `--`, spelled as the script spells it
 (`pretrained_model_name_or_path`, `use-embedding-noise`, `synthetic_filter`); `true` passes the bare flag,
 `false` and `null` leave it out, a list passes several values. The reference's value-taking booleans are
-written as values (`use-embedding-noise: 1`).
+written as values (`use-embedding-noise: 1`). A method's `fine_tune:` mapping holds `fine_tune.py` flags that
+override the common `fine_tune:` ones for its tokens (`num_vectors: 4`, `max_train_steps: 2000`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import hashlib
+import json
 import logging
 import os
 import re
@@ -46,7 +52,8 @@ from semantic_aug.core.utils import HelpFormatter, UserError, str2bool
 logger = logging.getLogger(__name__)
 
 CONFIG_KEYS = {
-    "dataset": None, "data_dir": None, "results_dir": "RESULTS", "model_path": "CompVis/stable-diffusion-v1-4",
+    "dataset": None, "data_dir": None, "results_dir": "RESULTS", "pipeline_dir": ".",
+    "model_path": "CompVis/stable-diffusion-v1-4",
     "seeds": [0, 1, 2], "examples_per_class": [2, 4, 8], "eval_splits": ["test"], "models_root": "models",
     "fine_tune": {}, "aggregate_embeddings": {}, "prompts": {}, "filter": {}, "train_classifier": {}, "methods": None,
     "report": True, "executor": "local", "jobs_per_gpu": 1, "max_retries": 1, "slurm": {},
@@ -58,14 +65,18 @@ SLURM_KEYS = {"partition": "partition", "account": "account", "qos": "qos", "gpu
               "sbatch": "sbatch", "poll_seconds": "poll_seconds", "folder": "folder"}
 # Flags the runner sets itself per job; a config that sets them would contradict the grid.
 RUNNER_FLAGS = {
-    "fine_tune": {"pretrained_model_name_or_path", "dataset", "seeds", "examples-per-class", "data-dir"},
-    "aggregate_embeddings": {"dataset", "seeds", "examples-per-class", "augment-embeddings", "input-path", "data-dir"},
+    "fine_tune": {"pretrained_model_name_or_path", "dataset", "seeds", "examples-per-class", "data-dir", "output_dir"},
+    "aggregate_embeddings": {"dataset", "seeds", "examples-per-class", "augment-embeddings", "input-path", "data-dir",
+                             "output-dir", "embed-path"},
     "generate": {"dataset", "outdir", "out-filename"},
     "filter": {"dataset", "seeds", "seed", "examples-per-class", "data-dir", "models-root"},
     "train_classifier": {"dataset", "seeds", "examples-per-class", "method", "logdir", "synthetic-dir",
                          "eval_on_test_set", "data-dir", "model-path", "prompt-path", "models-root"},
 }
-FINE_TUNE_OUTPUT = "./"  # fine_tune.py's default --output_dir; it writes {output_dir}/fine-tuned/
+DEFAULT_PIPELINE_DIR = Path(".")  # fine_tune.py's default --output_dir and the parent of aggregate's default --output-dir
+METHOD_FINE_TUNE = "fine_tune"  # a method's key for its own Textual Inversion settings (not a train_classifier.py flag)
+VARIANT_NAME = re.compile(r"^[A-Za-z0-9._,+-]+$")  # a token variant's folder name as it is, else with a digest
+VARIANT_NAME_LENGTH = 100  # longer names get shortened with a digest
 METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # becomes a folder name
 TEST_SPLITS = ("test", "test_uncommon_context")  # what train_classifier.py --eval_on_test_set evaluates
 DEFAULT_AUG = "textual-inversion"  # train_classifier.py's default --aug
@@ -114,6 +125,9 @@ def load_config(path: str | os.PathLike) -> dict:
         if flags is not None and not isinstance(flags, dict):
             raise UserError(f"method {method} in {path} must map flags to values (or be empty)")
         config["methods"][method] = flags or {}
+        if not isinstance(config["methods"][method].get(METHOD_FINE_TUNE) or {}, dict):
+            raise UserError(f"fine_tune of method {method} in {path} must map fine_tune.py flags to values "
+                            f"(e.g. num_vectors: 4)")
     config["slurm"] = config["slurm"] or {}
     if not isinstance(config["slurm"], dict) or not isinstance(config["slurm"].get("sbatch") or {}, dict):
         raise UserError(f"slurm in {path} must be a mapping of settings to values (slurm.sbatch: options to values)")
@@ -123,6 +137,7 @@ def load_config(path: str | os.PathLike) -> dict:
     for key in ("seeds", "examples_per_class", "eval_splits"):
         config[key] = [config[key]] if isinstance(config[key], (int, str)) else list(config[key] or [])
     _check_runner_flags(config, path)
+    _check_method_fine_tune(config, path)
     return config
 
 
@@ -130,13 +145,82 @@ def _check_runner_flags(config: dict, path: Path) -> None:
     sections = [("fine_tune", config["fine_tune"]), ("aggregate_embeddings", config["aggregate_embeddings"]),
                 ("generate", config["prompts"].get("generate") or {}), ("filter", config["filter"]),
                 ("train_classifier", config["train_classifier"])]
-    sections += [("train_classifier", flags) for flags in config["methods"].values()]
+    for flags in config["methods"].values():
+        classifier_flags, fine_tune = split_method(flags)
+        sections += [("train_classifier", classifier_flags), ("fine_tune", fine_tune)]
     for section, flags in sections:
         clash = sorted(set(flags) & RUNNER_FLAGS[section])
         if clash:
             raise UserError(f"{', '.join(clash)} in the {section} flags of {path} is set by the runner per job; "
                             f"use the top-level keys (dataset, data_dir, seeds, examples_per_class, model_path, "
-                            f"eval_splits, models_root, prompts.path) instead")
+                            f"eval_splits, models_root, pipeline_dir, prompts.path) instead")
+
+
+def split_method(flags: dict) -> tuple[dict, dict]:
+    """A method's `train_classifier.py` flags and its own `fine_tune.py` flags (its `fine_tune:` mapping, `{}` if none).
+
+    Args:
+        flags: the method's mapping in the config.
+
+    Returns:
+        (train_classifier.py flags, fine_tune.py overrides).
+    """
+    classifier_flags = {name: value for name, value in flags.items() if name != METHOD_FINE_TUNE}
+    return classifier_flags, dict(flags.get(METHOD_FINE_TUNE) or {})
+
+
+def script_flags(script: str) -> set[str]:
+    """The flags (without `--`) that a top-level script defines itself, read from its `add_argument` calls (the
+    dataset flags it adds through `add_dataset_arguments` are the grid's, not a method's)."""
+    return set(re.findall(r"""add_argument\(\s*["']--([\w-]+)["']""", (REPO_ROOT / script).read_text()))
+
+
+def _check_method_fine_tune(config: dict, path: Path) -> None:
+    """A method's `fine_tune:` overrides must be fine_tune.py flags with plain values, on a method that learns tokens."""
+    known = script_flags("fine_tune.py")
+    for method, flags in config["methods"].items():
+        classifier_flags, overrides = split_method(flags)
+        if not overrides:
+            continue
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise UserError(f"{', '.join(unknown)} in the fine_tune flags of method {method} in {path} is not a flag "
+                            f"of fine_tune.py{hint}; see `python fine_tune.py --help`")
+        nested = sorted(name for name, value in overrides.items() if isinstance(value, dict))
+        if nested:
+            raise UserError(f"{', '.join(nested)} in the fine_tune flags of method {method} in {path} must be a value "
+                            f"or a list of values, not a mapping")
+        needs = method_needs({**config["train_classifier"], **classifier_flags})
+        if not (needs.tokens or needs.noisy_tokens):
+            raise UserError(f"method {method} in {path} has fine_tune flags but learns no tokens (that takes aug "
+                            f"textual-inversion, num-synthetic above 0 and no embed-path); drop its fine_tune")
+
+
+def token_variant_name(overrides: dict) -> str:
+    """The folder of the tokens learned with a method's `fine_tune.py` overrides: `flag-value` per override, sorted by
+    flag and joined by `_` (`max_train_steps-2000_num_vectors-4`), so that methods with the same overrides share it.
+    A value with `_` or another character unfit for a folder name, or a name over `VARIANT_NAME_LENGTH`, gets the
+    name's readable part followed by a digest of the overrides, so that two different sets never share a folder.
+
+    Args:
+        overrides: fine_tune.py flag (without `--`) to value.
+
+    Returns:
+        The folder name.
+    """
+    def text(value) -> str:
+        if isinstance(value, (list, tuple)):
+            return ",".join(map(text, value))
+        return str(value).lower() if isinstance(value, bool) or value is None else str(value)
+
+    values = {name: text(overrides[name]) for name in sorted(overrides)}
+    name = "_".join(f"{flag}-{value}" for flag, value in values.items())
+    if VARIANT_NAME.match(name) and len(name) <= VARIANT_NAME_LENGTH and not any("_" in v for v in values.values()):
+        return name
+    digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
+    return re.sub(r"[^A-Za-z0-9._,+-]+", "-", name)[:VARIANT_NAME_LENGTH] + "-" + digest
 
 
 def flag_arguments(flags: dict) -> list[str]:
@@ -264,7 +348,8 @@ def _prompts_cover_classes(path: Path, dataset: str) -> bool:
 
 @dataclass
 class GridPlan:
-    """What every job of a grid shares: the dataset key, its data flags, the methods' flags and needs."""
+    """What every job of a grid shares: the dataset key, its data flags, the methods' flags, needs and token variants
+    (None: the tokens of the common `fine_tune:` flags; else `token_variant_name` of the method's overrides)."""
 
     config: dict
     dataset: str
@@ -273,9 +358,40 @@ class GridPlan:
     methods: list[str]
     flags_of: dict[str, dict]
     needs_of: dict[str, MethodNeeds]
+    variant_of: dict[str, str | None] = field(default_factory=dict)
+    fine_tune_of: dict[str | None, dict] = field(default_factory=dict)
 
     def any_needs(self, what: str) -> bool:
         return any(getattr(needs, what) for needs in self.needs_of.values())
+
+    def variant_needs(self, what: str, variant: str | None) -> bool:
+        """Whether a method of token variant `variant` needs `what` (`tokens` or `noisy_tokens`)."""
+        return any(getattr(needs, what) for method, needs in self.needs_of.items()
+                   if self.variant_of.get(method) == variant)
+
+    @property
+    def variants(self) -> list[str | None]:
+        """The token variants the methods use, in the order of the methods."""
+        return list(dict.fromkeys(self.variant_of.get(method) for method in self.methods))
+
+    def token_layout(self, layout, variant: str | None):
+        """`layout` with the `fine-tuned/` and `tokens/` folders of `variant`: under `pipeline_dir`, a variant's
+        under `{pipeline_dir}/variants/{variant}`."""
+        from semantic_aug.core.layout import FINE_TUNED_FOLDER, TOKENS_ROOT
+
+        root = self.token_root(variant)
+        return dataclasses.replace(layout, fine_tuned_root=root / FINE_TUNED_FOLDER, tokens_root=root / TOKENS_ROOT)
+
+    def token_root(self, variant: str | None) -> Path:
+        """The folder that holds `variant`'s `fine-tuned/` and `tokens/` (fine_tune.py's `--output_dir`)."""
+        from semantic_aug.core.layout import VARIANTS_FOLDER
+
+        root = Path(self.config["pipeline_dir"])
+        return root if variant is None else root / VARIANTS_FOLDER / variant
+
+    def scripts_default_folders(self, variant: str | None) -> bool:
+        """Whether `variant`'s tokens are where the scripts look by default (then no path flag is passed)."""
+        return self.token_root(variant) == DEFAULT_PIPELINE_DIR
 
 
 def plan_jobs(config: dict, methods: list[str] | None = None) -> list[Job]:
@@ -288,7 +404,7 @@ def plan_jobs(config: dict, methods: list[str] | None = None) -> list[Job]:
     Returns:
         The jobs in a valid order (a job's `needs` come before it).
     """
-    from semantic_aug.core.layout import FINE_TUNED_FOLDER, RunLayout
+    from semantic_aug.core.layout import RunLayout
     from semantic_aug.datasets import dataset_key
 
     data_dir, results_dir = config["data_dir"], Path(config["results_dir"])
@@ -296,25 +412,27 @@ def plan_jobs(config: dict, methods: list[str] | None = None) -> list[Job]:
     unknown = [m for m in methods if m not in config["methods"]]
     if unknown:
         raise UserError(f"unknown method(s) {', '.join(unknown)}; the config has: {', '.join(config['methods'])}")
-    flags_of = {m: {**config["train_classifier"], **config["methods"][m]} for m in methods}
+    split = {m: split_method(config["methods"][m]) for m in methods}
+    flags_of = {m: {**config["train_classifier"], **split[m][0]} for m in methods}
+    variant_of = {m: token_variant_name(split[m][1]) if split[m][1] else None for m in methods}
+    fine_tune_of = {variant_of[m]: {**config["fine_tune"], **split[m][1]} for m in methods}
+    fine_tune_of.setdefault(None, config["fine_tune"])
     # the key carries the data fingerprint off the dataset's default data, so a run on other data is never "finished"
     plan = GridPlan(config, dataset_key(config["dataset"], data_dir), ["--data-dir", str(data_dir)] if data_dir else [],
                     results_dir / "pipeline_logs", methods, flags_of,
-                    {m: method_needs(flags) for m, flags in flags_of.items()})
+                    {m: method_needs(flags) for m, flags in flags_of.items()}, variant_of, fine_tune_of)
 
     prompt_job, prompt_path = plan_prompt_job(plan)  # 1. LLM prompts, once per dataset
     jobs = [prompt_job] if prompt_job else []
-    fine_tune_output = Path(config["fine_tune"].get("output_dir", FINE_TUNE_OUTPUT))
     for seed in config["seeds"]:
         for epc in config["examples_per_class"]:
-            # the run's files; the tokens stay in the scripts' default folder, where train_classifier.py looks
-            layout = RunLayout(plan.dataset, seed, epc, fine_tuned_root=fine_tune_output / FINE_TUNED_FOLDER,
-                               models_root=config["models_root"], results_root=results_dir)
+            # the run's files; its tokens are under pipeline_dir (`GridPlan.token_layout`)
+            layout = RunLayout(plan.dataset, seed, epc, models_root=config["models_root"], results_root=results_dir)
             prerequisites = plan_run_prerequisites(plan, layout)  # 2. tokens and the filter
             jobs += {job.name: job for job in prerequisites.values()}.values()  # aggregation provides two things
             needed = {what: job.name for what, job in prerequisites.items()}
             if prompt_job:
-                needed["prompts"] = prompt_job.name
+                needed[("prompts", None)] = prompt_job.name
             jobs += plan_classifier_runs(plan, layout, needed, prompt_path)  # 3. one classifier run per method
     return jobs
 
@@ -347,40 +465,57 @@ def plan_prompt_job(plan: GridPlan) -> tuple[Job | None, Path | None]:
     return None, prompt_path
 
 
-def plan_run_prerequisites(plan: GridPlan, layout) -> dict[str, Job]:
-    """A run's textual-inversion tokens (with --augment-embeddings, aggregation writes the plain and the noisy
-    file) and its filter, keyed by what they provide (`tokens`, `noisy_tokens`, `filter`)."""
-    config, run_id = plan.config, f"{plan.dataset} seed {layout.seed} {layout.examples_per_class}epc"
-    log_suffix, selection = f"{layout.run_id}.log", _selection(layout)
-    jobs: dict[str, Job] = {}
-    variants = [noise for noise, wanted in ((False, plan.any_needs("tokens")), (True, plan.any_needs("noisy_tokens")))
-                if wanted]
-    if variants:
-        token_files = [layout.tokens(noise) for noise in variants]
-        fine_tune = Job(f"fine_tune {run_id}", "fine_tune.py",
-                        ["--pretrained_model_name_or_path", str(config["model_path"]), "--dataset", plan.dataset,
-                         *selection, *plan.data_flags, *flag_arguments(config["fine_tune"])],
-                        [], plan.pipeline_logs / f"fine_tune_{log_suffix}", skip_when=token_files)
-        aggregate = Job(f"aggregate_embeddings {run_id}", "aggregate_embeddings.py",
-                        ["--dataset", plan.dataset, *selection, *plan.data_flags,
-                         "--input-path", str(layout.fine_tuned_root), "--augment-embeddings", str(True in variants),
-                         *flag_arguments(config["aggregate_embeddings"])],
-                        token_files, plan.pipeline_logs / f"aggregate_embeddings_{log_suffix}", needs=[fine_tune.name])
-        jobs.update(fine_tune=fine_tune, tokens=aggregate, noisy_tokens=aggregate)
+def plan_run_prerequisites(plan: GridPlan, layout) -> dict[tuple[str, str | None], Job]:
+    """A run's textual-inversion tokens, per token variant (with --augment-embeddings, aggregation writes the plain
+    and the noisy file), and its filter, keyed by what they provide: (`tokens` or `noisy_tokens`, variant) and
+    (`filter`, None)."""
+    jobs: dict[tuple[str, str | None], Job] = {}
+    for variant in plan.variants:
+        jobs.update(plan_token_jobs(plan, layout, variant))
     if plan.any_needs("filter"):
-        jobs["filter"] = Job(f"train_filter {run_id}", "train_filter.py",
-                             ["--dataset", plan.dataset, *selection, *plan.data_flags, "--models-root",
-                              str(config["models_root"]), *flag_arguments(config["filter"])],
-                             [layout.filter], plan.pipeline_logs / f"train_filter_{log_suffix}")
+        config = plan.config
+        jobs[("filter", None)] = Job(
+            f"train_filter {plan.dataset} seed {layout.seed} {layout.examples_per_class}epc", "train_filter.py",
+            ["--dataset", plan.dataset, *_selection(layout), *plan.data_flags, "--models-root",
+             str(config["models_root"]), *flag_arguments(config["filter"])],
+            [layout.filter], plan.pipeline_logs / f"train_filter_{layout.run_id}.log")
     return jobs
 
 
-def plan_classifier_runs(plan: GridPlan, layout, needed: dict[str, str], prompt_path: Path | None) -> list[Job]:
+def plan_token_jobs(plan: GridPlan, layout, variant: str | None) -> dict[tuple[str, str | None], Job]:
+    """The `fine_tune.py` and `aggregate_embeddings.py` jobs of one token variant of a run (none if no method of the
+    variant needs tokens), keyed by what they provide."""
+    config, layout = plan.config, plan.token_layout(layout, variant)
+    run_id = f"{plan.dataset} seed {layout.seed} {layout.examples_per_class}epc"
+    name = run_id if variant is None else f"{run_id} {variant}"  # a job name per variant
+    log_suffix = f"{layout.run_id}.log" if variant is None else f"{variant}_{layout.run_id}.log"
+    variants = [noise for noise, wanted in ((False, plan.variant_needs("tokens", variant)),
+                                            (True, plan.variant_needs("noisy_tokens", variant))) if wanted]
+    if not variants:
+        return {}
+    token_files = [layout.tokens(noise) for noise in variants]
+    # the scripts' own default folders need no flag: the plan of pipeline_dir "." is the scripts' plain commands
+    output_dir = [] if plan.scripts_default_folders(variant) else ["--output_dir", str(plan.token_root(variant))]
+    tokens_dir = [] if plan.scripts_default_folders(variant) else ["--output-dir", str(layout.tokens_root)]
+    fine_tune = Job(f"fine_tune {name}", "fine_tune.py",
+                    ["--pretrained_model_name_or_path", str(config["model_path"]), "--dataset", plan.dataset,
+                     *_selection(layout), *plan.data_flags, *output_dir, *flag_arguments(plan.fine_tune_of[variant])],
+                    [], plan.pipeline_logs / f"fine_tune_{log_suffix}", skip_when=token_files)
+    aggregate = Job(f"aggregate_embeddings {name}", "aggregate_embeddings.py",
+                    ["--dataset", plan.dataset, *_selection(layout), *plan.data_flags,
+                     "--input-path", str(layout.fine_tuned_root), *tokens_dir,
+                     "--augment-embeddings", str(True in variants), *flag_arguments(config["aggregate_embeddings"])],
+                    token_files, plan.pipeline_logs / f"aggregate_embeddings_{log_suffix}", needs=[fine_tune.name])
+    return {("fine_tune", variant): fine_tune, ("tokens", variant): aggregate, ("noisy_tokens", variant): aggregate}
+
+
+def plan_classifier_runs(plan: GridPlan, layout, needed: dict[tuple[str, str | None], str],
+                         prompt_path: Path | None) -> list[Job]:
     """One `train_classifier.py` job per method, needing the jobs that make its tokens, prompts and filter."""
     config, run_id = plan.config, f"{plan.dataset} seed {layout.seed} {layout.examples_per_class}epc"
     jobs = []
     for method in plan.methods:
-        needs = plan.needs_of[method]
+        needs, variant = plan.needs_of[method], plan.variant_of[method]
         run = dataclasses.replace(layout, method=method)
         outputs = [run.results_csv, *(run.test_csv(split) for split in config["eval_splits"])]
         arguments = ["--dataset", plan.dataset, *_selection(layout), "--method", method, "--logdir", str(run.logdir),
@@ -392,11 +527,14 @@ def plan_classifier_runs(plan: GridPlan, layout, needed: dict[str, str], prompt_
             arguments += ["--prompt-path", str(prompt_path)]
         if needs.filter:
             arguments += ["--models-root", str(config["models_root"])]
+        if (needs.tokens or needs.noisy_tokens) and not plan.scripts_default_folders(variant):
+            arguments += ["--embed-path", str(plan.token_layout(layout, variant).tokens(needs.noisy_tokens))]
+        keys = [(what, variant if what in ("tokens", "noisy_tokens") else None)
+                for what in ("tokens", "noisy_tokens", "prompts", "filter") if getattr(needs, what)]
         jobs.append(Job(f"train_classifier {method} {run_id}", "train_classifier.py",
                         arguments + flag_arguments(plan.flags_of[method]), outputs,
                         run.logdir / f"train_classifier_{layout.run_id}.log",
-                        needs=[needed[what] for what in ("tokens", "noisy_tokens", "prompts", "filter")
-                               if getattr(needs, what) and what in needed]))
+                        needs=[needed[key] for key in keys if key in needed]))
     return jobs
 
 

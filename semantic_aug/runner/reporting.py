@@ -33,11 +33,13 @@ METHOD_LABELS = {
     "baseline": "Baseline (real images only)",
     "real_guidance": "Real Guidance",
     "da_fusion": "DA-Fusion",
+    "da_fusion_4x2000": "DA-Fusion, 4 vectors × 2000 steps",  # experiments/custom_coco_multivector.yaml
     "diagen_noise": "DA-Fusion + (a) embedding noise",
     "diagen_prompts": "DA-Fusion + (b) LLM prompts",
     "diagen_filter": "DA-Fusion + (c) weighting filter",
     "diagen_noise_prompts": "DA-Fusion + (a) + (b)",
     "diagen": "DIAGen: (a) + (b) + (c)",
+    "diagen_4x2000": "DIAGen, 4 vectors × 2000 steps",  # experiments/custom_coco_multivector.yaml
 }
 # The ablation of DIAGen's three contributions starts from DA-Fusion (the paper's ablation table).
 ABLATION_METHODS = ("da_fusion", "diagen_noise", "diagen_prompts", "diagen_filter", "diagen_noise_prompts", "diagen")
