@@ -73,7 +73,7 @@ RUNNER_FLAGS = {
     "train_classifier": {"dataset", "seeds", "examples-per-class", "method", "logdir", "synthetic-dir",
                          "eval_on_test_set", "data-dir", "model-path", "prompt-path", "models-root"},
 }
-DEFAULT_PIPELINE_DIR = Path(".")  # fine_tune.py's default --output_dir and the parent of aggregate's default --output-dir
+DEFAULT_PIPELINE_DIR = Path(".")  # fine_tune.py's default --output_dir, and the folder of aggregate's --output-dir
 METHOD_FINE_TUNE = "fine_tune"  # a method's key for its own Textual Inversion settings (not a train_classifier.py flag)
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9._,+-]+$")  # a token variant's folder name as it is, else with a digest
 VARIANT_NAME_LENGTH = 100  # longer names get shortened with a digest
@@ -170,13 +170,21 @@ def split_method(flags: dict) -> tuple[dict, dict]:
 
 
 def script_flags(script: str) -> set[str]:
-    """The flags (without `--`) that a top-level script defines itself, read from its `add_argument` calls (the
-    dataset flags it adds through `add_dataset_arguments` are the grid's, not a method's)."""
-    return set(re.findall(r"""add_argument\(\s*["']--([\w-]+)["']""", (REPO_ROOT / script).read_text()))
+    """The flags (without `--`) that a top-level script defines itself, read from its `add_argument` calls, with the
+    `no-` form of its `BooleanOptionalAction`s (the dataset flags it adds through `add_dataset_arguments` are the
+    grid's, not a method's)."""
+    flags = set()
+    for call in (REPO_ROOT / script).read_text().split("add_argument(")[1:]:
+        name = re.match(r"""\s*["']--([\w-]+)["']""", call)
+        if name:
+            flags.add(name.group(1))
+            if "BooleanOptionalAction" in call:  # the call's own text runs up to the next add_argument
+                flags.add(f"no-{name.group(1)}")
+    return flags
 
 
 def _check_method_fine_tune(config: dict, path: Path) -> None:
-    """A method's `fine_tune:` overrides must be fine_tune.py flags with plain values, on a method that learns tokens."""
+    """A method's `fine_tune:` flags must be fine_tune.py's own, with plain values, on a method that learns tokens."""
     known = script_flags("fine_tune.py")
     for method, flags in config["methods"].items():
         classifier_flags, overrides = split_method(flags)
@@ -186,8 +194,9 @@ def _check_method_fine_tune(config: dict, path: Path) -> None:
         if unknown:
             close = difflib.get_close_matches(unknown[0], known, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-            raise UserError(f"{', '.join(unknown)} in the fine_tune flags of method {method} in {path} is not a flag "
-                            f"of fine_tune.py{hint}; see `python fine_tune.py --help`")
+            raise UserError(f"{', '.join(unknown)} in the fine_tune flags of method {method} in {path} is not a "
+                            f"fine_tune.py flag a method can set{hint}; see `python fine_tune.py --help` (the dataset "
+                            f"flags are the grid's)")
         nested = sorted(name for name, value in overrides.items() if isinstance(value, dict))
         if nested:
             raise UserError(f"{', '.join(nested)} in the fine_tune flags of method {method} in {path} must be a value "
