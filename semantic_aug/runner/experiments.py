@@ -128,6 +128,7 @@ def load_config(path: str | os.PathLike) -> dict:
         if not isinstance(config["methods"][method].get(METHOD_FINE_TUNE) or {}, dict):
             raise UserError(f"fine_tune of method {method} in {path} must map fine_tune.py flags to values "
                             f"(e.g. num_vectors: 4)")
+    config["pipeline_dir"] = str(config["pipeline_dir"] or DEFAULT_PIPELINE_DIR)  # an empty key: the scripts' folders
     config["slurm"] = config["slurm"] or {}
     if not isinstance(config["slurm"], dict) or not isinstance(config["slurm"].get("sbatch") or {}, dict):
         raise UserError(f"slurm in {path} must be a mapping of settings to values (slurm.sbatch: options to values)")
