@@ -324,7 +324,12 @@ def run_variants(variants: list[str], model: BenchModel, classes: list[ClassSpec
                                     micro_batch_size, args.gradient_checkpointing)
                 micro_batch_size = micro_batch_size or result["micro_batch_size"]  # later variants skip the search
         except Exception as error:  # noqa: BLE001 - report a failing variant (e.g. compile) and measure the rest
-            print(f"{variant}: failed: {type(error).__name__}: {error}", flush=True)
+            hint = ""
+            if variant in FAST_VARIANTS and "out of accelerator memory" in str(error) and \
+                    not args.gradient_checkpointing:
+                hint = " (ours does not fit this micro-batch without gradient checkpointing: rerun this variant " \
+                       "with --gradient-checkpointing)"
+            print(f"{variant}: failed: {type(error).__name__}: {error}{hint}", flush=True)
             continue
         finally:
             free_device_memory(device)  # the reference's model copies are gone; give their memory back
