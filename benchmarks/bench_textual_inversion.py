@@ -19,9 +19,10 @@ v-prediction models). Compile time is part of the warm-up, reported apart from t
 
 For each it prints samples/s, and projects the wall time of the stage the paper runs: 23 classes × 1000 updates
 × 4 samples (plus, for the fast path, the one-time latent caching). `--model` picks the architecture:
-`sd-v1-random` is Stable Diffusion v1.4's with random weights (`build_random_sd_v1`), `sdxl` SDXL base's
-(`random_sdxl_folder`, 1024², built once into the model cache), `tiny`, `tiny-sd2` and `tiny-sdxl` the embedded
-toy models, anything else a diffusers folder; speed does not depend on the weight values.
+`sd-v1-random` is Stable Diffusion v1.4's with random weights (`build_random_sd_v1`), `sd2-random` SD 2.1's
+(`random_sd2_folder`: v-prediction, 768²), `sdxl` SDXL base's (`random_sdxl_folder`, 1024²), the last two built once
+into the model cache; `tiny`, `tiny-sd2` and `tiny-sdxl` are the embedded toy models, anything else a diffusers
+folder. Speed does not depend on the weight values.
 
 From the checkout's root, with the package installed (`make setup`) or `PYTHONPATH=.` in front:
     python -m benchmarks.bench_textual_inversion                     # a GPU: about 2-3 minutes
@@ -53,7 +54,8 @@ from semantic_aug.datasets import create_dataset
 from semantic_aug.core.embeddings import class_folder_name
 from semantic_aug.core.model_family import describe_family
 from semantic_aug.core.stable_diffusion import (build_random_sd_v1, default_resolution, load_sd_components,
-                                                load_sdxl_second_encoder, random_sdxl_folder, resolve_model_path)
+                                                load_sdxl_second_encoder, random_sd2_folder, random_sdxl_folder,
+                                                resolve_model_path)
 from semantic_aug.stages.textual_inversion_training import (OBJECT_TEMPLATES, ClassSpec, TextualInversionConfig,
                                                            TextualInversionTrainer, TrainingSpeed,
                                                            check_prediction_type, enable_gradient_checkpointing,
@@ -64,14 +66,15 @@ STAGE_CLASSES, STAGE_STEPS, STAGE_BATCH = 23, 1000, 4  # the paper's Custom COCO
 TARGET_MINUTES, TARGET_SPEEDUP = 12.0, 8.0  # issue #4's targets for the fast path (set for SD v1.x)
 REFERENCE_LEARNING_RATE = 5e-4 * STAGE_BATCH  # README: 5e-4 scaled by the batch
 RANDOM_SD = "sd-v1-random"  # --model name of the random-weight SD v1.4 architecture (built in memory)
+RANDOM_SD2 = "sd2-random"  # --model name of the random-weight SD 2.1 architecture (built once into the model cache)
 RANDOM_SDXL = "sdxl"  # --model name of the random-weight SDXL base architecture (built once into the model cache)
 REFERENCE_VARIANTS = {"reference": False, "reference-compile": True}  # name -> UNet through torch.compile
 FAST_VARIANTS = {"fast": {}, "fast-cl": {"channels_last": True}, "fast-compile": {"compile": True}}
 # Where the fast path's micro-batch search starts (halving on out-of-memory from there); absent: the whole joint
-# batch. SDXL at 1024² holds several GB of activations per sample without checkpointing, so its search starts at
-# one class's 4 samples, which divide every joint batch (a compiled UNet then sees one batch shape) and already
-# fill an H100 with 4 × 128² latents.
-MICRO_BATCH_START = {"sdxl": STAGE_BATCH}
+# batch. SD 2.x at 768² and SDXL at 1024² hold several GB of activations per sample without checkpointing (SD v1.4
+# at 512² fits 46 samples in 80 GB), so their search starts at one class's 4 samples: it and its halves divide every
+# joint batch (a compiled UNet then sees one batch shape), and 4 × 96² or 128² latents already fill an H100.
+MICRO_BATCH_START = {"sd2": STAGE_BATCH, "sdxl": STAGE_BATCH}
 
 
 @dataclass
@@ -96,8 +99,9 @@ class BenchModel:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=RANDOM_SD,
-                        help=f"`{RANDOM_SD}` (SD v1.4 architecture, random weights), `{RANDOM_SDXL}` (SDXL base "
-                             f"architecture, random weights, 1024², built once into the model cache), `tiny`, "
+                        help=f"`{RANDOM_SD}` (SD v1.4 architecture, random weights), `{RANDOM_SD2}` (SD 2.1 "
+                             f"architecture, random weights, v-prediction, 768²), `{RANDOM_SDXL}` (SDXL base "
+                             f"architecture, random weights, 1024²; both built once into the model cache), `tiny`, "
                              f"`tiny-sd2`, `tiny-sdxl` (embedded toy models: smoke tests), or a diffusers model "
                              f"folder (default: %(default)s)")
     parser.add_argument("--variants", default=None,
@@ -110,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Classes in the fast path's joint batch; Custom COCO has 23 (default: %(default)s).")
     parser.add_argument("--micro-batch-size", type=int, default=0,
                         help="Fast path samples per forward/backward; 0 = search, halving on out-of-memory from the "
-                             f"whole batch (SDXL: from {MICRO_BATCH_START['sdxl']}) (default: %(default)s).")
+                             f"whole batch (SD 2.x, SDXL: from {MICRO_BATCH_START['sdxl']}) (default: %(default)s).")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                         help="Gradient checkpointing in the fast path too: only for a model whose micro-batch of 1 "
                              "does not fit without it (default: %(default)s).")
@@ -137,7 +141,8 @@ def load_model(name: str, device: torch.device) -> BenchModel:
     """The model `--model` names, with the parts `fine_tune.py` trains with; the family is read from its folder."""
     if name == RANDOM_SD:  # built in memory on the device, as this benchmark always measured SD v1.4
         return BenchModel(build_random_sd_v1(device), None, "sd1")
-    path = str(random_sdxl_folder(device)) if name == RANDOM_SDXL else resolve_model_path(name)
+    builders = {RANDOM_SD2: random_sd2_folder, RANDOM_SDXL: random_sdxl_folder}
+    path = str(builders[name](device)) if name in builders else resolve_model_path(name)
     family = describe_family(path).name
     second_encoder = load_sdxl_second_encoder(path) if family == "sdxl" else None
     return BenchModel(load_sd_components(path), second_encoder, family)

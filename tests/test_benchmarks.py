@@ -124,3 +124,16 @@ def test_bench_textual_inversion_rejects_an_unknown_variant():
     result = subprocess.run([sys.executable, "-m", "benchmarks.bench_textual_inversion", "--variants",
                              "reference,fastest"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "unknown --variants fastest" in result.stderr, result.stderr[-500:]
+
+
+def test_random_sd2_has_sd21_sizes():
+    """`build_random_sd2` (built on the meta device: shapes only) has SD 2.1's parameter counts, native size,
+    v-prediction and OpenCLIP traits."""
+    from semantic_aug.core.stable_diffusion import build_random_sd2
+
+    tokenizer, text_encoder, vae, unet, scheduler = build_random_sd2("meta")
+    millions = [round(sum(p.numel() for p in model.parameters()) / 1e6) for model in (unet, text_encoder)]
+    assert millions == [866, 340]  # SD 2.1: UNet 865.9 M, OpenCLIP ViT-H/14 text encoder 340.4 M
+    assert scheduler.config.prediction_type == "v_prediction"
+    assert unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1) == 768
+    assert text_encoder.config.hidden_act == "gelu" and tokenizer.pad_token == "!"
