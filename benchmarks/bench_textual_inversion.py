@@ -26,8 +26,12 @@ folder. Speed does not depend on the weight values.
 
 From the checkout's root, with the package installed (`make setup`) or `PYTHONPATH=.` in front:
     python -m benchmarks.bench_textual_inversion                     # a GPU: about 2-3 minutes
+SDXL base at 1024² (the first run builds the random model into the cache, 1-2 minutes; each torch.compile of
+SDXL's UNet with its backward takes minutes, so the two compiled variants run apart):
     python -m benchmarks.bench_textual_inversion --model sdxl --variants reference,fast,fast-compile --steps 4
-    python -m benchmarks.bench_textual_inversion --model tiny --steps 2   # CPU smoke test
+    python -m benchmarks.bench_textual_inversion --model sdxl --variants reference-compile --steps 4
+CPU smoke tests (seconds, meaningless speeds):
+    python -m benchmarks.bench_textual_inversion --model tiny --steps 2
     python -m benchmarks.bench_textual_inversion --model tiny-sdxl --device cpu --classes 1 --steps 1
 """
 
