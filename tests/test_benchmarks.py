@@ -2,6 +2,7 @@
 (no `sys.path` edits, no PYTHONPATH), and every log in `benchmarks/results/` belongs to a script of the tree and
 starts with the commit that recorded it, the GPU, the software versions and the command."""
 
+import json
 import os
 import re
 import subprocess
@@ -99,3 +100,40 @@ def test_random_sdxl_has_sdxl_base_sizes():
     millions = [round(sum(p.numel() for p in model.parameters()) / 1e6) for model in (unet, text_encoder_2)]
     assert millions == [2567, 695]  # SDXL base: UNet 2.567 B, OpenCLIP bigG text encoder with projection 695 M
     assert unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1) == 1024
+
+
+def test_bench_textual_inversion_runs_on_the_tiny_sdxl_on_the_cpu(tmp_path):
+    """The Textual Inversion benchmark's SDXL path: the reference pattern with the token in both text encoders and
+    SDXL's added conditioning, then `fine_tune.py`'s trainer; the JSON names the family (speeds meaningless here)."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    figures = tmp_path / "ti.json"
+    result = subprocess.run([sys.executable, "-m", "benchmarks.bench_textual_inversion", "--model", "tiny-sdxl",
+                             "--device", "cpu", "--steps", "1", "--warmup", "1", "--classes", "1", "--variants",
+                             "reference,fast", "--json", str(figures)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(figures.read_text())
+    assert report["family"] == "sdxl" and report["prediction_type"] == "epsilon"
+    rates = {entry["variant"]: entry["samples_per_second"] for entry in report["results"]}
+    assert set(rates) == {"reference", "fast"} and all(rate > 0 for rate in rates.values()), rates
+    assert "family: sdxl; 2 text encoder(s)" in result.stdout
+
+
+def test_bench_textual_inversion_rejects_an_unknown_variant():
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-m", "benchmarks.bench_textual_inversion", "--variants",
+                             "reference,fastest"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "unknown --variants fastest" in result.stderr, result.stderr[-500:]
+
+
+def test_random_sd2_has_sd21_sizes():
+    """`build_random_sd2` (built on the meta device: shapes only) has SD 2.1's parameter counts, native size,
+    v-prediction and OpenCLIP traits."""
+    from semantic_aug.core.stable_diffusion import build_random_sd2
+
+    tokenizer, text_encoder, vae, unet, scheduler = build_random_sd2("meta")
+    millions = [round(sum(p.numel() for p in model.parameters()) / 1e6) for model in (unet, text_encoder)]
+    assert millions == [866, 340]  # SD 2.1: UNet 865.9 M, OpenCLIP ViT-H/14 text encoder 340.4 M
+    assert scheduler.config.prediction_type == "v_prediction"
+    assert unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1) == 768
+    assert text_encoder.config.hidden_act == "gelu" and tokenizer.pad_token == "!"

@@ -440,6 +440,49 @@ def random_sd_v1_folder(device: str | torch.device = "cpu") -> Path:
     return path
 
 
+def build_random_sd2(device: str | torch.device = "cpu", seed: int = 0):
+    """Stable Diffusion 2.1's architecture at full size with random weights, for benchmarks.
+
+    The configs are those of `stabilityai/stable-diffusion-2-1`: UNet 320/640/1280/1280 channels, 2 layers per
+    block, 64-wide attention heads (5/10/20/20 per block) with linear projections and upcast attention, 1024-wide
+    cross-attention on 96×96 latents for 768² images; the 4-level VAE; the OpenCLIP ViT-H/14 text encoder (1024
+    wide, 23 layers, 16 heads, exact GELU); the v-prediction DDIM scheduler. Parameters are created directly on
+    `device`.
+
+    Returns:
+        (tokenizer, text_encoder, vae, unet, scheduler).
+    """
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    tokenizer = load_tokenizer(pad_token=SD2_PAD_TOKEN)
+    with seeded_init(seed):
+        with torch.device(device):
+            unet = UNet2DConditionModel(
+                sample_size=96, in_channels=4, out_channels=4, layers_per_block=2,
+                block_out_channels=(320, 640, 1280, 1280),
+                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+                upcast_attention=True, norm_num_groups=32)
+            vae = full_vae(768, VAE_SCALING_FACTOR)
+            text_encoder = CLIPTextModel(clip_text_config(
+                tokenizer, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                hidden_act="gelu", projection_dim=512))
+    return tokenizer, text_encoder, vae, unet, DDIMScheduler(**SD_V2_SCHEDULER)
+
+
+def random_sd2_folder(device: str | torch.device = "cpu") -> Path:
+    """`build_random_sd2` saved in fp16 as a diffusers folder under `cache_root()` (built on first use, on `device`),
+    for the benchmarks that load a model by path."""
+    path = cache_root() / "sd-2.1-random"
+    if not (path / "model_index.json").is_file():
+        tokenizer, text_encoder, vae, unet, scheduler = build_random_sd2(device)
+        save_stable_diffusion(path, tokenizer, *(part.to(torch.float16) for part in (text_encoder, vae, unet)),
+                              scheduler=scheduler)
+    return path
+
+
 def build_random_sdxl(device: str | torch.device = "cpu", seed: int = 0):
     """Stable Diffusion XL base's architecture at full size with random weights, for benchmarks.
 
