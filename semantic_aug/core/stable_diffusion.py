@@ -398,6 +398,13 @@ def default_resolution(unet, vae) -> int:
     return int(unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1))
 
 
+# the UNet blocks SD 1.x and 2.x share: four levels, cross-attention in the first three
+SD_UNET_LAYOUT = dict(
+    in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+
+
 def build_random_sd_v1(device: str | torch.device = "cpu", seed: int = 0):
     """Stable Diffusion v1.4's architecture at full size with random weights, for benchmarks (speed does not
     depend on the weight values, and nothing needs downloading).
@@ -416,11 +423,7 @@ def build_random_sd_v1(device: str | torch.device = "cpu", seed: int = 0):
     with seeded_init(seed):
         with torch.device(device):
             unet = UNet2DConditionModel(
-                sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                block_out_channels=(320, 640, 1280, 1280),
-                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
+                sample_size=64, **SD_UNET_LAYOUT, cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
             vae = full_vae(512, VAE_SCALING_FACTOR)
             text_encoder = CLIPTextModel(clip_text_config(
                 tokenizer, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -459,12 +462,8 @@ def build_random_sd2(device: str | torch.device = "cpu", seed: int = 0):
     with seeded_init(seed):
         with torch.device(device):
             unet = UNet2DConditionModel(
-                sample_size=96, in_channels=4, out_channels=4, layers_per_block=2,
-                block_out_channels=(320, 640, 1280, 1280),
-                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
-                upcast_attention=True, norm_num_groups=32)
+                sample_size=96, **SD_UNET_LAYOUT, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                use_linear_projection=True, upcast_attention=True, norm_num_groups=32)
             vae = full_vae(768, VAE_SCALING_FACTOR)
             text_encoder = CLIPTextModel(clip_text_config(
                 tokenizer, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
