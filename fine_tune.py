@@ -31,7 +31,7 @@ import torch
 from semantic_aug.datasets import add_dataset_arguments, check_dataset_arguments, create_dataset
 from semantic_aug.core.embeddings import class_folder_name
 from semantic_aug.core.model_family import detect_family
-from semantic_aug.core.stable_diffusion import (default_resolution, enable_compile_cache, load_sd_components,
+from semantic_aug.core.stable_diffusion import (checked_resolution, enable_compile_cache, load_sd_components,
                                                 load_sdxl_second_encoder, load_tokenizer, resolve_model_path)
 from semantic_aug.stages.textual_inversion_training import (TEMPLATES, ClassSpec, TextualInversionConfig,
                                                            TextualInversionTrainer, TrainingSpeed)
@@ -320,10 +320,7 @@ def main(args: argparse.Namespace) -> None:
     check_dataset_arguments(args, args.examples_per_class)  # class folders and the split rule, before the model loads
     accelerator = build_accelerator(args)
     tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(args)
-    resolution = args.resolution or default_resolution(unet, vae)
-    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if resolution % vae_factor:
-        raise UserError(f"--resolution {resolution} must be a multiple of {vae_factor} for this model's VAE")
+    resolution = checked_resolution(args.resolution, unet, vae)
     run_settings = {"model": args.pretrained_model_name_or_path, "revision": args.revision,
                     "tokenizer": args.tokenizer_name, "unet_ckpt": args.unet_ckpt}
     first_config = training_config(args, resolution, args.examples_per_class[0])

@@ -25,7 +25,6 @@ CPU smoke test (seconds of work, meaningless speeds; `--model tiny-sdxl` for the
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import tempfile
 import time
@@ -36,6 +35,7 @@ import torch
 from PIL import Image
 from transformers import CLIPTextConfig
 
+from benchmarks.cuda_timing import free_device_memory
 from semantic_aug.acceleration import (ATTENTION_BACKENDS, COMPILE_MODES, DEFAULT_COMPILE_MODE,
                                        Acceleration)
 from semantic_aug.core.embeddings import load_tokens_into_pipeline, save_tokens, second_encoder_path, token_name
@@ -115,15 +115,6 @@ def selection(data_dir: Path, images: int, num_synthetic: int) -> BenchDataset:
     """The fewest real images per class whose synthetic siblings number at least `images`."""
     per_class = math.ceil(images / (len(CLASSES) * num_synthetic))
     return BenchDataset(split="train", examples_per_class=per_class, seed=0, data_dir=data_dir)
-
-
-def free_device_memory(device: torch.device) -> None:
-    gc.collect()
-    torch._dynamo.reset()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
 
 
 def peak_memory(device: torch.device) -> str:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import os
 import platform
@@ -54,20 +53,21 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch
 import torch.nn.functional as F
 
+from benchmarks.cuda_timing import free_device_memory
 from semantic_aug.datasets import create_dataset
 from semantic_aug.core.embeddings import class_folder_name
 from semantic_aug.core.model_family import describe_family
-from semantic_aug.core.stable_diffusion import (build_random_sd_v1, default_resolution, load_sd_components,
+from semantic_aug.core.stable_diffusion import (build_random_sd_v1, checked_resolution, load_sd_components,
                                                 load_sdxl_second_encoder, random_sd2_folder, random_sdxl_folder,
                                                 resolve_model_path)
 from semantic_aug.stages.textual_inversion_training import (OBJECT_TEMPLATES, ClassSpec, TextualInversionConfig,
                                                            TextualInversionTrainer, TrainingSpeed,
                                                            check_prediction_type, enable_gradient_checkpointing,
-                                                           preprocess_image, sdxl_text_conditioning)
-from semantic_aug.core.utils import UserError, pick_device, run_cli
+                                                           loss_target, preprocess_image, sdxl_text_conditioning)
+from semantic_aug.core.utils import pick_device, run_cli
 
 STAGE_CLASSES, STAGE_STEPS, STAGE_BATCH = 23, 1000, 4  # the paper's Custom COCO stage: classes × updates × samples
-TARGET_MINUTES, TARGET_SPEEDUP = 12.0, 8.0  # issue #4's targets for the fast path (set for SD v1.x)
+TARGET_MINUTES, TARGET_SPEEDUP = 12.0, 8.0  # the fast path's targets (set for SD v1.x)
 REFERENCE_LEARNING_RATE = 5e-4 * STAGE_BATCH  # README: 5e-4 scaled by the batch
 RANDOM_SD = "sd-v1-random"  # --model name of the random-weight SD v1.4 architecture (built in memory)
 RANDOM_SD2 = "sd2-random"  # --model name of the random-weight SD 2.1 architecture (built once into the model cache)
@@ -244,9 +244,7 @@ def bench_reference(name: str, model: BenchModel, images, resolution: int, devic
                     [encoder for _, encoder, _, _, _ in encoders], torch.stack(input_ids, dim=1), resolution)
             prediction = unet_forward(noisy_latents, timesteps, hidden_states, added_cond_kwargs=added_cond_kwargs,
                                       return_dict=False)[0]
-        target = noise_scheduler.get_velocity(latents, noise, timesteps) if model.prediction_type == "v_prediction" \
-            else noise
-        loss = F.mse_loss(prediction.float(), target.float())
+        loss = F.mse_loss(prediction.float(), loss_target(noise_scheduler, latents, noise, timesteps).float())
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -306,14 +304,6 @@ def custom_coco_classes(count: int, output_root: Path) -> list[ClassSpec]:
         classes.append(ClassSpec(name, [dataset.get_image_by_idx(i) for i in indices],
                                  output_root / class_folder_name(name)))
     return classes
-
-
-def free_device_memory(device: torch.device) -> None:
-    """Drop a variant's model copies and compiled graphs before the next variant is measured."""
-    gc.collect()
-    torch._dynamo.reset()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def run_variants(variants: list[str], model: BenchModel, classes: list[ClassSpec], resolution: int,
@@ -382,10 +372,7 @@ def main(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     model = load_model(args.model, device)
     tokenizer, text_encoder, vae, unet, _ = model.parts
-    resolution = args.resolution or default_resolution(unet, vae)
-    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if resolution % vae_factor:
-        raise UserError(f"--resolution {resolution} must be a multiple of {vae_factor} for this model's VAE")
+    resolution = checked_resolution(args.resolution, unet, vae)
     build_seconds = time.perf_counter() - start
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"device: {gpu}; torch {torch.__version__}; model {args.model} at {resolution}px (built in "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import torch
 
 
@@ -18,3 +20,14 @@ def cuda_time(function, repeats: int, warmup: int = 2) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
+
+
+def free_device_memory(device: torch.device) -> None:
+    """Drop the last measurement's model copies and compiled graphs, and start the peak-memory count afresh, before
+    the next measurement."""
+    gc.collect()
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()

@@ -393,9 +393,27 @@ def load_sdxl_second_encoder(name_or_path: str, revision: str | None = None):
     return tokenizer_2, text_encoder_2
 
 
+def vae_scale_factor(vae) -> int:
+    """Image pixels per latent along a side: 2 for each VAE level after the first (8 for SD, 2 for `tiny`)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def default_resolution(unet, vae) -> int:
     """Native image side of a model: 512 for SD v1.x, 64 for `tiny`."""
-    return int(unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1))
+    return int(unet.config.sample_size * vae_scale_factor(vae))
+
+
+def checked_resolution(resolution: int | None, unet, vae) -> int:
+    """The image side to train or generate at: `resolution`, or the model's native side when None or 0.
+
+    Raises:
+        UserError: a side that the VAE's latents cannot tile (not a multiple of `vae_scale_factor`).
+    """
+    resolution = int(resolution or default_resolution(unet, vae))
+    factor = vae_scale_factor(vae)
+    if resolution % factor:
+        raise UserError(f"--resolution {resolution} must be a multiple of {factor} for this model's VAE")
+    return resolution
 
 
 # the UNet blocks SD 1.x and 2.x share: four levels, cross-attention in the first three
@@ -550,7 +568,7 @@ def load_stable_diffusion_configs(name_or_path: str = TINY_MODEL_NAME, dtype: to
     from types import SimpleNamespace
 
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     folder = Path(resolve_model_path(name_or_path))
     if not folder.is_dir():  # a hub id: the folder `from_pretrained` reads (downloaded once, as it would be)
@@ -577,6 +595,6 @@ def load_stable_diffusion_configs(name_or_path: str = TINY_MODEL_NAME, dtype: to
     scheduler_class = getattr(importlib.import_module(library), class_name)
     parts["scheduler"] = scheduler_class.from_pretrained(folder, subfolder="scheduler")
     for name in family.tokenizers:
-        parts[name] = CLIPTokenizer.from_pretrained(folder / name, model_max_length=CLIP_MAX_LENGTH)
+        parts[name] = load_tokenizer(folder / name)
     parts["config"] = {key: value for key, value in index.items() if not isinstance(value, list)}  # pipeline flags
     return SimpleNamespace(**parts)

@@ -50,6 +50,7 @@ from semantic_aug.core.embeddings import (LEARNED_EMBEDS_2_SAFE_NAME, LEARNED_EM
                                           save_learned_embeds, save_tokens, stable_seed, token_name,
                                           vector_token_names)
 from semantic_aug.core.model_family import sdxl_time_ids
+from semantic_aug.core.stable_diffusion import vae_scale_factor
 from semantic_aug.core.utils import StageTimer, UserError, atomic_torch_save
 
 logger = logging.getLogger(__name__)
@@ -441,6 +442,14 @@ def check_prediction_type(noise_scheduler) -> str:
     return prediction_type
 
 
+def loss_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict from the noisy latents: the noise for an epsilon model, the velocity
+    (`get_velocity`) for a v-prediction model, as diffusers' training examples do."""
+    if check_prediction_type(noise_scheduler) == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    return noise
+
+
 def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
@@ -522,8 +531,7 @@ class TextualInversionTrainer:
         if self.text_encoder_2 is not None:
             self.initializer_vector_2 = self._initializer_vector(config.initializer_token, self.tokenizer_2,
                                                                  self.text_encoder_2)
-        vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        side = config.resolution // vae_factor
+        side = config.resolution // vae_scale_factor(self.vae)
         self.latent_shape = (self.unet.config.in_channels, side, side)
         return config
 
@@ -650,11 +658,7 @@ class TrainingGroup:
         timesteps = torch.cat([draw.timesteps for _, draw in draws]).to(device)
         input_ids = torch.cat([self.caption_ids[row][draw.template_index] for row, draw in draws]).to(device)
         noisy_latents = scheduler.add_noise(latents, noise, timesteps)
-        if check_prediction_type(scheduler) == "v_prediction":
-            target = scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
-        return noisy_latents, timesteps, input_ids, target
+        return noisy_latents, timesteps, input_ids, loss_target(scheduler, latents, noise, timesteps)
 
     def _per_sample_loss(self, noisy_latents, timesteps, input_ids, target) -> torch.Tensor:
         trainer = self.trainer

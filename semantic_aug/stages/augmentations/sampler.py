@@ -107,7 +107,7 @@ class DiffusionSampler:
 
     def __init__(self, pipe, model_id: str, num_inference_steps: int = 50, resolution: int | None = None,
                  mask_grow_radius: int = DEFAULT_MASK_GROW_RADIUS, acceleration: Acceleration | None = None):
-        from semantic_aug.core.stable_diffusion import default_resolution
+        from semantic_aug.core.stable_diffusion import checked_resolution, vae_scale_factor
 
         if num_inference_steps < 1:
             raise UserError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
@@ -118,10 +118,8 @@ class DiffusionSampler:
         self.model_id = model_id
         self.device, self.dtype = self.unet.device, self.unet.dtype
         self.num_inference_steps = num_inference_steps
-        self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.resolution = int(resolution or default_resolution(self.unet, self.vae))
-        if self.resolution % self.latent_factor:
-            raise UserError(f"resolution {self.resolution} must be a multiple of the VAE's factor {self.latent_factor}")
+        self.latent_factor = vae_scale_factor(self.vae)
+        self.resolution = checked_resolution(resolution, self.unet, self.vae)
         self.mask_grow_radius = mask_grow_radius
         self.scaling_factor = self.vae.config.scaling_factor
         self.inpainting_unet = self.unet.config.in_channels == 9  # 4 latents + 1 mask + 4 masked-image latents
