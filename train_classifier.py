@@ -113,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt", default="a photo of a {name}", help="prompt template; {name} becomes the token")
     parser.add_argument("--embed-path", default=None,
                         help=f"learned tokens ({{dataset}}, {{seed}}, {{examples_per_class}} filled in per run); "
-                             f"None: {DEFAULT_EMBED_PATH}, or {NOISY_EMBED_PATH} under --use-embedding-noise 1"),
+                             f"None: {DEFAULT_EMBED_PATH}, or {NOISY_EMBED_PATH} under --use-embedding-noise 1")
     parser.add_argument("--use-embedding-noise", type=str2bool, default=False,
                         help="DIAGen (a): cycle each class through its original and noisy tokens (0/1)")
     parser.add_argument("--use-generated-prompts", type=str2bool, default=False,
