@@ -15,7 +15,8 @@ From the checkout's root, with the package installed (`make setup`) or `PYTHONPA
 (about 4-5 minutes):
     python -m benchmarks.bench_generation
 SDXL base's architecture (random weights, 1024², two text encoders; the stock pipeline is
-StableDiffusionXLImg2ImgPipeline, and `--stock-compile` adds the stock pipeline in bf16 with a compiled UNet):
+StableDiffusionXLImg2ImgPipeline, and `--stock-compile` adds the stock pipeline in bf16 with a compiled UNet at
+the same batch size as ours):
     python -m benchmarks.bench_generation --model sdxl --batch-size 8 --stock-compile
 CPU smoke test (seconds of work, meaningless speeds; `--model tiny-sdxl` for the tiny SDXL):
     python -m benchmarks.bench_generation --model tiny --device cpu --dtype fp32 --ref-images 1 --batch-size 4 \\
@@ -85,7 +86,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compile-mode", default=DEFAULT_COMPILE_MODE, choices=COMPILE_MODES,
                         help="torch.compile mode of the `compile` configs")
     parser.add_argument("--stock-compile", action=argparse.BooleanOptionalAction, default=False,
-                        help="also time the stock pipeline in bf16 with a torch.compile'd UNet, one image per call")
+                        help="also time the stock pipeline in bf16 with a torch.compile'd UNet (--compile-mode), --batch-size "
+                             "images per call")
     parser.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed at the end)")
     args = parser.parse_args()
     args.configs = [tuple(entry.split(":")) for entry in args.configs.split(",") if entry not in ("", "none")]
@@ -124,33 +126,40 @@ def peak_memory(device: torch.device) -> str:
 def time_reference(args, model_path: str, tokens_path: Path, dataset: BenchDataset, out: Path,
                    device: torch.device, compiled: bool = False) -> float:
     """(a) The reference's pattern: one image per pipeline call, fp16, PIL resizes, PNG before the next call; with
-    `compiled`, the same stock pipeline in bf16 with its UNet through `torch.compile`."""
+    `compiled`, the same stock pipeline in bf16 with its UNet through `torch.compile` (`--compile-mode`), called with
+    `--batch-size` images at a time (one prompt, image and seeded generator each) for `--timed-batches` calls after
+    a warm-up call that compiles."""
     dtype = torch.float16 if device.type == "cuda" else torch.float32
+    batch, calls = 1, args.ref_images
     if compiled:
-        dtype = torch.bfloat16
+        dtype, batch, calls = torch.bfloat16, args.batch_size, args.timed_batches
     pipe = load_stable_diffusion(model_path, pipeline="img2img", device=device, dtype=dtype)
     load_tokens_into_pipeline(tokens_path, pipe.tokenizer, pipe.text_encoder, getattr(pipe, "tokenizer_2", None),
                               getattr(pipe, "text_encoder_2", None))
     if compiled:
-        pipe.unet = torch.compile(pipe.unet)
+        pipe.unet = torch.compile(pipe.unet, mode=args.compile_mode)
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor
     out.mkdir(parents=True, exist_ok=True)
-    start = None
-    for i in range(args.ref_images + 1):  # the first image warms up
-        if i == 1:
+    warmup_start = start = time.perf_counter()
+    for call in range(calls + 1):  # the first call warms up (and compiles)
+        if call == 1:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-        real = dataset.get_image_by_idx(i % len(dataset))
-        name = dataset.class_names[dataset.get_label_by_idx(i % len(dataset))]
-        image = pipe(prompt=PROMPT.format(name=token_name(name)), image=real.resize((side, side), Image.BILINEAR),
-                     strength=args.strength, guidance_scale=args.guidance_scale,
-                     num_inference_steps=args.num_inference_steps, generator=torch.Generator().manual_seed(i)).images[0]
-        image.resize(real.size, Image.BILINEAR).save(out / f"{i}.png")
-    rate = args.ref_images / (time.perf_counter() - start)
-    print(f"{'stock pipeline' if compiled else 'reference pattern'} (1 image/call, {str(dtype).removeprefix('torch.')}, "
-          f"{'torch.compile' if compiled else 'eager'}): {rate:.2f} img/s "
-          f"({args.ref_images} images{peak_memory(device)})", flush=True)
+        indices = [(call * batch + j) % len(dataset) for j in range(batch)]
+        reals = [dataset.get_image_by_idx(i) for i in indices]
+        prompts = [PROMPT.format(name=token_name(dataset.class_names[dataset.get_label_by_idx(i)])) for i in indices]
+        images = pipe(prompt=prompts, image=[real.resize((side, side), Image.BILINEAR) for real in reals],
+                      strength=args.strength, guidance_scale=args.guidance_scale,
+                      num_inference_steps=args.num_inference_steps,
+                      generator=[torch.Generator().manual_seed(call * batch + j) for j in range(batch)]).images
+        for j, (image, real) in enumerate(zip(images, reals)):
+            image.resize(real.size, Image.BILINEAR).save(out / f"{call * batch + j}.png")
+    rate = calls * batch / (time.perf_counter() - start)
+    label = (f"stock pipeline ({batch} images/call, bf16, torch.compile {args.compile_mode})" if compiled
+             else f"reference pattern (1 image/call, {str(dtype).removeprefix('torch.')}, eager)")
+    print(f"{label}: {rate:.2f} img/s ({calls * batch} images; warm-up {start - warmup_start:.1f} s"
+          f"{peak_memory(device)})", flush=True)
     del pipe
     free_device_memory(device)
     return rate
