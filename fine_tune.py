@@ -121,7 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="Encode each image and its mirror image once with the VAE (--no-cache-latents: "
                             "at every step, as the reference).")
     speed.add_argument("--micro-batch-size", type=int, default=0,
-                       help="Samples per forward/backward pass; 0 = the whole step, halved on out-of-memory.")
+                       help="Samples per forward/backward pass; 0 = the whole step (one class's batch above 512², as "
+                            "for SD 2.x at 768² and SDXL), halved on out-of-memory.")
     speed.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"),
                        help="Low-precision UNet/VAE (bf16 recommended on GPUs); the learned vectors stay fp32.")
     speed.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False,

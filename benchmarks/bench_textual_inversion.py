@@ -74,11 +74,6 @@ RANDOM_SD2 = "sd2-random"  # --model name of the random-weight SD 2.1 architectu
 RANDOM_SDXL = "sdxl"  # --model name of the random-weight SDXL base architecture (built once into the model cache)
 REFERENCE_VARIANTS = {"reference": False, "reference-compile": True}  # name -> UNet through torch.compile
 FAST_VARIANTS = {"fast": {}, "fast-cl": {"channels_last": True}, "fast-compile": {"compile": True}}
-# Where the fast path's micro-batch search starts (halving on out-of-memory from there); absent: the whole joint
-# batch. SD 2.x at 768² and SDXL at 1024² hold several GB of activations per sample without checkpointing (SD v1.4
-# at 512² fits 46 samples in 80 GB), so their search starts at one class's 4 samples: it and its halves divide every
-# joint batch (a compiled UNet then sees one batch shape), and 4 × 96² or 128² latents already fill an H100.
-MICRO_BATCH_START = {"sd2": STAGE_BATCH, "sdxl": STAGE_BATCH}
 
 
 @dataclass
@@ -117,8 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--classes", type=int, default=STAGE_CLASSES,
                         help="Classes in the fast path's joint batch; Custom COCO has 23 (default: %(default)s).")
     parser.add_argument("--micro-batch-size", type=int, default=0,
-                        help="Fast path samples per forward/backward; 0 = search, halving on out-of-memory from the "
-                             f"whole batch (SD 2.x, SDXL: from {MICRO_BATCH_START['sdxl']}) (default: %(default)s).")
+                        help="Fast path samples per forward/backward; 0 = fine_tune.py's search, halving on out-of-memory "
+                             "from the whole batch (above 512²: from one class's 4) (default: %(default)s).")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                         help="Gradient checkpointing in the fast path too: only for a model whose micro-batch of 1 "
                              "does not fit without it (default: %(default)s).")
@@ -271,8 +266,6 @@ def bench_fast(name: str, model: BenchModel, classes: list[ClassSpec], resolutio
     speed = TrainingSpeed(gradient_checkpointing=gradient_checkpointing, compile=options.get("compile", False),
                           channels_last=options.get("channels_last", False))
     trainer = TextualInversionTrainer(*model.parts, config, accelerator, speed, second_encoder=model.second_encoder)
-    if micro_batch_size == 0 and model.family in MICRO_BATCH_START:
-        trainer.micro_batch_size = MICRO_BATCH_START[model.family]  # the search's first size; halved on OOM
     device = accelerator.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -65,9 +65,10 @@ def test_log_header(log):
     for field, pattern in HEADER_FIELDS.items():
         assert pattern.search(header), f"{log.name}: its leading # lines give no {field}:\n{header}"
     command = HEADER_FIELDS["command"].search(header).group(1)
-    assert log.stem in command, f"{log.name}: the command does not run {log.stem}: {command}"
-    # one log per benchmark of the tree, named after it: logs of removed code have no script here
-    assert log.stem in SCRIPTS, f"{log.name} belongs to no script in benchmarks/"
+    script = log.name.split(".")[0]  # `<script>.log`, or `<script>.<model>.log` for another model family's run
+    assert script in command, f"{log.name}: the command does not run {script}: {command}"
+    # logs are named after a benchmark of the tree: logs of removed code have no script here
+    assert script in SCRIPTS, f"{log.name} belongs to no script in benchmarks/"
 
 
 @pytest.mark.parametrize("log", LOGS, ids=lambda path: path.name)

@@ -371,3 +371,24 @@ def test_two_processes_learn_what_one_process_learns(one_process_run, tmp_path, 
         a = torch.load(one / "fine-tuned" / "custom_coco-0-2" / name / LEARNED_EMBEDS_NAME, weights_only=True)
         b = torch.load(two / "fine-tuned" / "custom_coco-0-2" / name / LEARNED_EMBEDS_NAME, weights_only=True)
         torch.testing.assert_close(a[f"<{name}>"], b[f"<{name}>"], rtol=1e-4, atol=1e-6)
+
+
+def test_auto_micro_batch_starts_at_one_class_batch_for_latents_above_64(parts, accelerator, tmp_path):
+    """Above SD v1's 64² latents (SD 2.x at 768², SDXL at 1024²) the automatic search starts at one class's batch,
+    so a joint step runs in equal class-sized passes; an explicit size wins, and a size the search settled on
+    survives the next configuration."""
+    assert make_trainer(parts, accelerator, train_batch_size=2).micro_batch_size == 0  # 16² latents: whole step
+    resolution = 136  # the tiny VAE halves a side: 68² latents
+    assert make_trainer(parts, accelerator, resolution=resolution, micro_batch_size=3).micro_batch_size == 3
+    trainer = make_trainer(parts, accelerator, resolution=resolution, train_batch_size=2, max_train_steps=1)
+    assert trainer.micro_batch_size == 2
+    batch_sizes = []
+    hook = trainer.unet.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
+    try:
+        trainer.learn(class_specs(tmp_path), seed=0)
+    finally:
+        hook.remove()
+    assert batch_sizes == [2, 2]  # two classes × 2 samples in two passes of one class's batch
+    trainer.micro_batch_size = 1  # as if the search had halved it
+    trainer.configure(TextualInversionConfig(resolution=resolution, train_batch_size=2))
+    assert trainer.micro_batch_size == 1

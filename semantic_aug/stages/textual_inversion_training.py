@@ -106,7 +106,8 @@ class TextualInversionConfig:
         checkpointing_steps: save resumable state every this many updates; None never (`--checkpointing_steps`).
         checkpoints_total_limit: keep at most this many checkpoints per class; None keeps all.
         save_steps: also save `learned_embeds-steps-N.bin` every this many updates; None never (`--save_steps`).
-        micro_batch_size: samples per forward/backward; 0 = auto (whole step, halved on out-of-memory).
+        micro_batch_size: samples per forward/backward; 0 = auto (`auto_micro_batch_start`, halved on
+            out-of-memory).
         cache_latents: encode each image once (True) or with the VAE at every step as the reference (False).
         resume: resume classes from their newest checkpoint.
     """
@@ -482,6 +483,19 @@ class TrainingSpeed:
     channels_last: bool = False
 
 
+# Latents wider than SD v1's 64² (SD 2.x at 768², SDXL at 1024²) hold several GB of activations per sample without
+# gradient checkpointing, so the automatic micro-batch search starts at one class's batch there instead of the whole
+# joint step: every joint batch is a multiple of it, its halves divide it too (a compiled UNet sees one batch shape),
+# and it skips the out-of-memory attempts (each a compilation with `--compile`) that 1024² batches of 46 or 92 cost.
+AUTO_MICRO_BATCH_FULL_STEP_LATENT_SIDE = 64
+
+
+def auto_micro_batch_start(config: TextualInversionConfig, latent_side: int) -> int:
+    """The micro-batch the automatic search tries first: 0 (the whole step) for latents up to 64², else one class's
+    `train_batch_size`."""
+    return 0 if latent_side <= AUTO_MICRO_BATCH_FULL_STEP_LATENT_SIDE else config.train_batch_size
+
+
 class TextualInversionTrainer:
     """Learns class tokens for groups of classes with shared, frozen Stable Diffusion parts.
 
@@ -523,16 +537,18 @@ class TextualInversionTrainer:
         self.config = config
         self.templates = TEMPLATES[config.learnable_property]
         self.schedule = learning_rate_schedule(config.lr_scheduler, config.lr_warmup_steps, config.max_train_steps)
+        side = config.resolution // vae_scale_factor(self.vae)
+        self.latent_shape = (self.unet.config.in_channels, side, side)
         if config.micro_batch_size:
             self.micro_batch_size = config.micro_batch_size
+        elif not self.micro_batch_size:  # auto, not yet settled by an earlier group
+            self.micro_batch_size = auto_micro_batch_start(config, side)
         self.initializer_vector = self._initializer_vector(config.initializer_token)
         if config.num_vectors < 1:
             raise UserError(f"--num_vectors must be at least 1, got {config.num_vectors}")
         if self.text_encoder_2 is not None:
             self.initializer_vector_2 = self._initializer_vector(config.initializer_token, self.tokenizer_2,
                                                                  self.text_encoder_2)
-        side = config.resolution // vae_scale_factor(self.vae)
-        self.latent_shape = (self.unet.config.in_channels, side, side)
         return config
 
     def _initializer_vector(self, word: str, tokenizer=None, text_encoder=None) -> torch.Tensor:
