@@ -18,6 +18,7 @@ SDXL base's architecture (random weights, 1024², two text encoders; the stock p
 StableDiffusionXLImg2ImgPipeline, and `--stock-compile` adds the stock pipeline in bf16 with a compiled UNet at
 the same batch size as ours):
     python -m benchmarks.bench_generation --model sdxl --batch-size 8 --stock-compile
+(`--model sd2-random`: SD 2.1's architecture at 768², v-prediction.)
 CPU smoke test (seconds of work, meaningless speeds; `--model tiny-sdxl` for the tiny SDXL):
     python -m benchmarks.bench_generation --model tiny --device cpu --dtype fp32 --ref-images 1 --batch-size 4 \\
         --timed-batches 1 --num-synthetic 2 --num-inference-steps 10 --configs eager:auto
@@ -37,19 +38,17 @@ from PIL import Image
 from transformers import CLIPTextConfig
 
 from benchmarks.cuda_timing import free_device_memory
+from benchmarks.random_models import MODEL_HELP, RANDOM_MODELS, RANDOM_SD, model_folder
 from semantic_aug.acceleration import (ATTENTION_BACKENDS, COMPILE_MODES, DEFAULT_COMPILE_MODE,
                                        Acceleration)
 from semantic_aug.core.embeddings import load_tokens_into_pipeline, save_tokens, second_encoder_path, token_name
 from semantic_aug.core.model_family import describe_family
 from semantic_aug.datasets.few_shot_dataset import FolderFewShotDataset
-from semantic_aug.core.stable_diffusion import (load_stable_diffusion, random_sd_v1_folder, random_sdxl_folder,
-                                                resolve_model_path)
+from semantic_aug.core.stable_diffusion import load_stable_diffusion, resolve_model_path
 from semantic_aug.stages.synthetic import (DTYPES, AugmentationOptions, GenerationOptions, build_augmentation,
                                            generate_synthetic_images)
 from semantic_aug.core.utils import pick_device, run_cli
 
-RANDOM_SD = "sd-v1-random"  # --model name of the random-weight SD v1.4 architecture
-RANDOM_SDXL = "sdxl"  # --model name of the random-weight SDXL base architecture
 REAL_IMAGE_SIZE = (640, 480)  # (width, height) of a typical COCO photo
 CLASSES = ("bench", "bicycle")
 POOL_PER_CLASS = 32  # real images per class on disk; a selection takes the first examples_per_class of them
@@ -67,9 +66,7 @@ class BenchDataset(FolderFewShotDataset):
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=RANDOM_SD,
-                        help=f"`{RANDOM_SD}` (SD v1.4 architecture, random weights, built once), `{RANDOM_SDXL}` "
-                             f"(SDXL base architecture, random weights, 1024²), `tiny`, `tiny-sdxl`, or a model path")
+    parser.add_argument("--model", default=RANDOM_SD, help=f"{MODEL_HELP} (default: %(default)s)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="weight dtype of our generator")
     parser.add_argument("--ref-images", type=int, default=8,
@@ -197,15 +194,11 @@ def time_config(args, mode: str, attention: str, model_path: str, tokens_path: P
 
 def main(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
-    model_path = args.model
-    if model_path == RANDOM_SD:
-        start = time.perf_counter()
-        model_path = str(random_sd_v1_folder(device))
-        print(f"random SD v1.4 ready in {time.perf_counter() - start:.0f} s: {model_path}", flush=True)
-    elif model_path == RANDOM_SDXL:
-        start = time.perf_counter()
-        model_path = str(random_sdxl_folder(device))
-        print(f"random SDXL base ready in {time.perf_counter() - start:.0f} s: {model_path}", flush=True)
+    start = time.perf_counter()
+    model_path = model_folder(args.model, device)
+    if args.model in RANDOM_MODELS:
+        print(f"random {RANDOM_MODELS[args.model][0].split(' architecture')[0]} ready in "
+              f"{time.perf_counter() - start:.0f} s: {model_path}", flush=True)
     family = describe_family(resolve_model_path(model_path))
     widths = [CLIPTextConfig.from_pretrained(resolve_model_path(model_path), subfolder=folder).hidden_size
               for folder in family.text_encoders]

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from semantic_aug.core.stable_diffusion import random_sd_v1_folder, resolve_model_path
+from benchmarks.random_models import MODEL_HELP, RANDOM_SD, model_folder
 from semantic_aug.core.utils import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,14 +54,11 @@ GRID = {"seeds": 3, "examples_per_class": (2, 4, 8), "methods": 8,
 TIMING = re.compile(r"timing: (?P<name>[\w ]+): (?P<units>\d+) \w+ in (?P<total>[\d.]+) s; first step "
                     r"(?P<first>[\d.]+) s \(warm-up included\), then (?P<rate>[\d.na]+) \w+/s")
 EXTRAS = ("compile-cache", "packing")
-RANDOM_SD = "sd-v1-random"
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=RANDOM_SD,
-                        help=f"`{RANDOM_SD}` (SD v1.4 architecture, random weights), `tiny`, or a model path "
-                             f"(default: %(default)s)")
+    parser.add_argument("--model", default=RANDOM_SD, help=f"{MODEL_HELP} (default: %(default)s)")
     parser.add_argument("--backbone", default="resnet50", help="classifier and filter backbone (default: %(default)s)")
     parser.add_argument("--ti-steps", type=int, default=100,
                         help="Textual Inversion updates run (projected to 1000) (default: %(default)s)")
@@ -138,7 +135,7 @@ def prepare_models(args: argparse.Namespace, bench: Bench) -> str:
     """The SD folder, and ResNet-50 weights in torchvision's cache (random: the hub is out of reach)."""
     started = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = str(random_sd_v1_folder(device)) if args.model == RANDOM_SD else resolve_model_path(args.model)
+    model = model_folder(args.model, device)
     if args.backbone == "resnet50":
         import torchvision
 

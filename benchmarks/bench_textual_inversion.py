@@ -54,12 +54,12 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.cuda_timing import free_device_memory
+from benchmarks.random_models import MODEL_HELP, RANDOM_SD, model_folder
 from semantic_aug.datasets import create_dataset
 from semantic_aug.core.embeddings import class_folder_name
 from semantic_aug.core.model_family import describe_family
 from semantic_aug.core.stable_diffusion import (build_random_sd_v1, checked_resolution, load_sd_components,
-                                                load_sdxl_second_encoder, random_sd2_folder, random_sdxl_folder,
-                                                resolve_model_path)
+                                                load_sdxl_second_encoder)
 from semantic_aug.stages.textual_inversion_training import (OBJECT_TEMPLATES, ClassSpec, TextualInversionConfig,
                                                            TextualInversionTrainer, TrainingSpeed,
                                                            check_prediction_type, enable_gradient_checkpointing,
@@ -69,9 +69,6 @@ from semantic_aug.core.utils import pick_device, run_cli
 STAGE_CLASSES, STAGE_STEPS, STAGE_BATCH = 23, 1000, 4  # the paper's Custom COCO stage: classes × updates × samples
 TARGET_MINUTES, TARGET_SPEEDUP = 12.0, 8.0  # the fast path's targets (set for SD v1.x)
 REFERENCE_LEARNING_RATE = 5e-4 * STAGE_BATCH  # README: 5e-4 scaled by the batch
-RANDOM_SD = "sd-v1-random"  # --model name of the random-weight SD v1.4 architecture (built in memory)
-RANDOM_SD2 = "sd2-random"  # --model name of the random-weight SD 2.1 architecture (built once into the model cache)
-RANDOM_SDXL = "sdxl"  # --model name of the random-weight SDXL base architecture (built once into the model cache)
 REFERENCE_VARIANTS = {"reference": False, "reference-compile": True}  # name -> UNet through torch.compile
 FAST_VARIANTS = {"fast": {}, "fast-cl": {"channels_last": True}, "fast-compile": {"compile": True}}
 
@@ -98,11 +95,7 @@ class BenchModel:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=RANDOM_SD,
-                        help=f"`{RANDOM_SD}` (SD v1.4 architecture, random weights), `{RANDOM_SD2}` (SD 2.1 "
-                             f"architecture, random weights, v-prediction, 768²), `{RANDOM_SDXL}` (SDXL base "
-                             f"architecture, random weights, 1024²; both built once into the model cache), `tiny`, "
-                             f"`tiny-sd2`, `tiny-sdxl` (embedded toy models: smoke tests), or a diffusers model "
-                             f"folder (default: %(default)s)")
+                        help=f"{MODEL_HELP}; `{RANDOM_SD}` is built in memory here (default: %(default)s)")
     parser.add_argument("--variants", default=None,
                         help=f"Comma list of {','.join([*REFERENCE_VARIANTS, *FAST_VARIANTS])} (default: "
                              f"reference,{','.join(FAST_VARIANTS)} on CUDA; reference,fast elsewhere).")
@@ -140,8 +133,7 @@ def load_model(name: str, device: torch.device) -> BenchModel:
     """The model `--model` names, with the parts `fine_tune.py` trains with; the family is read from its folder."""
     if name == RANDOM_SD:  # built in memory on the device, as this benchmark always measured SD v1.4
         return BenchModel(build_random_sd_v1(device), None, "sd1")
-    builders = {RANDOM_SD2: random_sd2_folder, RANDOM_SDXL: random_sdxl_folder}
-    path = str(builders[name](device)) if name in builders else resolve_model_path(name)
+    path = model_folder(name, device)
     family = describe_family(path).name
     second_encoder = load_sdxl_second_encoder(path) if family == "sdxl" else None
     return BenchModel(load_sd_components(path), second_encoder, family)

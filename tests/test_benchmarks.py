@@ -81,16 +81,19 @@ def test_log_commit_is_in_the_history(log):
 
 
 def test_bench_generation_runs_on_the_tiny_sdxl_on_the_cpu():
-    """The benchmark's SDXL path: the stock SDXL img2img pipeline one image per call, then ours, with tokens in both
-    text encoders (speeds meaningless here)."""
+    """The benchmark's SDXL path: the stock SDXL img2img pipeline one image per call, the stock pipeline with a
+    compiled UNet at our batch size, then ours, with tokens in both text encoders (speeds meaningless here)."""
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     result = subprocess.run([sys.executable, "-m", "benchmarks.bench_generation", "--model", "tiny-sdxl", "--device",
                              "cpu", "--dtype", "fp32", "--ref-images", "1", "--batch-size", "2", "--timed-batches", "1",
-                             "--num-synthetic", "1", "--num-inference-steps", "4", "--configs", "eager:auto"],
+                             "--num-synthetic", "1", "--num-inference-steps", "4", "--configs", "eager:auto",
+                             "--stock-compile"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "reference pattern (1 image/call, float32, eager)" in result.stdout
+    assert "stock pipeline (2 images/call, bf16, torch.compile default)" in result.stdout
     assert "config eager:auto" in result.stdout and "speed-up" in result.stdout
+    assert re.search(r"stock diffusers \+ torch.compile [\d.]+ img/s; ours [\d.]+x that", result.stdout), result.stdout
 
 
 def test_random_sdxl_has_sdxl_base_sizes():
