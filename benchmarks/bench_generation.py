@@ -83,8 +83,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compile-mode", default=DEFAULT_COMPILE_MODE, choices=COMPILE_MODES,
                         help="torch.compile mode of the `compile` configs")
     parser.add_argument("--stock-compile", action=argparse.BooleanOptionalAction, default=False,
-                        help="also time the stock pipeline in bf16 with a torch.compile'd UNet (--compile-mode), --batch-size "
-                             "images per call")
+                        help="also time the stock pipeline in bf16 with a torch.compile'd UNet (--compile-mode), "
+                             "--batch-size images per call")
     parser.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed at the end)")
     args = parser.parse_args()
     args.configs = [tuple(entry.split(":")) for entry in args.configs.split(",") if entry not in ("", "none")]

@@ -105,8 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--classes", type=int, default=STAGE_CLASSES,
                         help="Classes in the fast path's joint batch; Custom COCO has 23 (default: %(default)s).")
     parser.add_argument("--micro-batch-size", type=int, default=0,
-                        help="Fast path samples per forward/backward; 0 = fine_tune.py's search, halving on out-of-memory "
-                             "from the whole batch (above 512²: from one class's 4) (default: %(default)s).")
+                        help="Fast path samples per forward/backward; 0 = fine_tune.py's search, halving on "
+                             "out-of-memory from the whole batch (above 512²: from one class's 4) "
+                             "(default: %(default)s).")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                         help="Gradient checkpointing in the fast path too: only for a model whose micro-batch of 1 "
                              "does not fit without it (default: %(default)s).")
