@@ -44,7 +44,7 @@ from semantic_aug.acceleration import (ATTENTION_BACKENDS, COMPILE_MODES, DEFAUL
 from semantic_aug.core.embeddings import load_tokens_into_pipeline, save_tokens, second_encoder_path, token_name
 from semantic_aug.core.model_family import describe_family
 from semantic_aug.datasets.few_shot_dataset import FolderFewShotDataset
-from semantic_aug.core.stable_diffusion import load_stable_diffusion, resolve_model_path
+from semantic_aug.core.stable_diffusion import load_stable_diffusion
 from semantic_aug.stages.synthetic import (DTYPES, AugmentationOptions, GenerationOptions, build_augmentation,
                                            generate_synthetic_images)
 from semantic_aug.core.utils import pick_device, run_cli
@@ -197,10 +197,10 @@ def main(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     model_path = model_folder(args.model, device)
     if args.model in RANDOM_MODELS:
-        print(f"random {RANDOM_MODELS[args.model][0].split(' architecture')[0]} ready in "
-              f"{time.perf_counter() - start:.0f} s: {model_path}", flush=True)
-    family = describe_family(resolve_model_path(model_path))
-    widths = [CLIPTextConfig.from_pretrained(resolve_model_path(model_path), subfolder=folder).hidden_size
+        print(f"random {RANDOM_MODELS[args.model][0]} ready in {time.perf_counter() - start:.0f} s: {model_path}",
+              flush=True)
+    family = describe_family(model_path)
+    widths = [CLIPTextConfig.from_pretrained(model_path, subfolder=folder).hidden_size
               for folder in family.text_encoders]
     with tempfile.TemporaryDirectory(dir=args.workdir) as scratch:
         scratch = Path(scratch)
