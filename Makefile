@@ -10,12 +10,15 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 # Wheels are installed once into the venv; a second copy in pip's cache only costs disk (CI machines can be short of it).
 export PIP_NO_CACHE_DIR ?= 1
+# Free disk the set-up needs where the venv goes (GB): checked before pip starts, which would otherwise fail half-way.
+SETUP_MIN_FREE_GB ?= 7
 
 .PHONY: setup setup-qwen demo test clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) tools/check_free_disk.py $(VENV) $(SETUP_MIN_FREE_GB)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip "setuptools>=77"
 	# torch first and pinned: the pair that installs from wheels on Python 3.11/3.12, x86_64 and aarch64

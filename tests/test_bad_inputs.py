@@ -365,3 +365,17 @@ def test_a_full_disk_is_a_one_line_error_and_leaves_no_partial_file(inputs, tmp_
     assert not list(tmp_path.rglob("*.pth")), "a partial checkpoint was left behind"
     written = list(tmp_path.rglob("*.csv"))
     assert written and all(len(pd.read_csv(path)) for path in written)  # what was written is complete
+
+
+def test_setup_on_a_disk_too_small_stops_before_pip_with_one_error_line(tmp_path):
+    """`make setup` where the venv's disk has less free space than the set-up needs: one `error:` line naming the
+    space needed, the space free and the `VENV=` way out, and no venv begun (pip would fail half-way instead)."""
+    venv = tmp_path / "not" / "yet" / "venv"
+    process = subprocess.run(["make", "--no-print-directory", "setup", f"VENV={venv}", "SETUP_MIN_FREE_GB=1000000"],
+                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert process.returncode != 0
+    errors = [line for line in process.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, process.stderr
+    assert "needs about 1000000 GB of free disk" in errors[0] and f"{tmp_path} has " in errors[0]
+    assert "make VENV=" in errors[0] and "Traceback" not in process.stderr
+    assert not (tmp_path / "not").exists()
