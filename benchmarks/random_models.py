@@ -29,4 +29,3 @@ def model_folder(name: str, device: str | torch.device) -> str:
     if name in RANDOM_MODELS:
         return str(RANDOM_MODELS[name][2](device))
     return str(resolve_model_path(name))
-
